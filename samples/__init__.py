@@ -1,0 +1,1 @@
+"""Reference models and small apps; importable as ``samples.<module>`` from the repo root."""

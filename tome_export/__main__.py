@@ -1,0 +1,3 @@
+from tome_export.cli import entry
+
+entry()

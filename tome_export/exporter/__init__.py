@@ -1,0 +1,1 @@
+"""Loading models, patching them, and exporting them to ONNX."""

@@ -1,0 +1,123 @@
+"""torch.export → ONNX with the merge op translated by a chosen lowering."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from torch import nn
+
+from tome_export.exporter import aten_fixes
+from tome_export.exporter.lowerings import get_lowering
+from tome_export.merging import merge_state
+from tome_export.merging.ops import merge_op_overloads
+
+DECISION_PREFIX = "tome_slots_"
+DEFAULT_OPSET = 18
+
+
+class _WithDecisions(nn.Module):
+    """Returns the model's outputs followed by every merging layer's slot map."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        out = self.model(*args)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        state = merge_state(self.model)
+        return (*outs, *(state.slots if state is not None else []))
+
+
+@dataclass
+class OnnxExport:
+    """An exported graph: ``model`` is what ships, ``with_decisions`` what verification runs."""
+
+    model: onnx.ModelProto
+    with_decisions: onnx.ModelProto
+    input_names: list[str]
+    output_names: list[str]
+    decision_names: list[str]
+    rewrites: list[dict] = field(default_factory=list)
+
+
+def input_names_for(model: nn.Module, count: int) -> list[str]:
+    params = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def translation_table(lowering: str) -> dict:
+    merge = get_lowering(lowering).merge
+    table = {overload: merge for overload in merge_op_overloads()}
+    table.update(aten_fixes.translation_table())
+    return table
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings of its own; keep our output readable."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    lowering: str = "scatter",
+    opset: int = DEFAULT_OPSET,
+) -> OnnxExport:
+    """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked."""
+    model.eval()
+    with torch.no_grad():
+        reference = model(*example_inputs)
+    num_outputs = len(reference) if isinstance(reference, (tuple, list)) else 1
+    state = merge_state(model)
+    num_decisions = len(state.slots) if state is not None else 0
+    input_names = input_names_for(model, len(example_inputs))
+    output_names = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
+    decision_names = [f"{DECISION_PREFIX}{i}" for i in range(num_decisions)]
+    start = len(aten_fixes.REWRITES)
+    with _quiet():
+        program = torch.onnx.export(
+            _WithDecisions(model),
+            example_inputs,
+            dynamo=True,
+            opset_version=opset,
+            input_names=input_names,
+            output_names=output_names + decision_names,
+            custom_translation_table=translation_table(lowering),
+            optimize=True,
+            verbose=False,
+        )
+    full = program.model_proto
+    from tome_export.graph_passes import drop_outputs
+
+    shipped = drop_outputs(full, set(decision_names)) if decision_names else full
+    return OnnxExport(
+        model=shipped,
+        with_decisions=full,
+        input_names=input_names,
+        output_names=output_names,
+        decision_names=decision_names,
+        rewrites=list(aten_fixes.REWRITES[start:]),
+    )

@@ -1,0 +1,38 @@
+"""The merge as one ``torch.library`` custom op.
+
+torch.export sees a single node with a static output shape (its fake kernel), and the
+exporter gives it an ONNX translation per lowering (see ``exporter/lowerings.py``).
+Eagerly it runs the reference implementation in ``bipartite.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tome_export.merging import bipartite
+
+OP_NAMESPACE = "tome_export"
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::bipartite_merge", mutates_args=())
+def bipartite_merge(
+    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe merge of ``x``/``size`` by similarity of ``metric``; returns (x, size, slot)."""
+    return bipartite.merge_tokens(metric, x, size, r, protected)
+
+
+@bipartite_merge.register_fake
+def _bipartite_merge_fake(metric, x, size, r, protected):
+    batch, num_tokens, channels = x.shape
+    out = num_tokens - r
+    return (
+        x.new_empty(batch, out, channels),
+        size.new_empty(batch, out, 1),
+        x.new_empty(batch, num_tokens, dtype=torch.int64),
+    )
+
+
+def merge_op_overloads() -> list:
+    """Every custom op a lowering must translate."""
+    return [torch.ops.tome_export.bipartite_merge.default]

@@ -1,0 +1,52 @@
+"""ONNX Runtime runner (CPU; CUDA when onnxruntime-gpu is installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+
+class OnnxRuntimeRunner:
+    """Loads an ONNX model once and runs it on dicts of numpy arrays."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model: str | Path | bytes | onnx.ModelProto,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        intra_op_threads: int | None = None,
+        profile_prefix: str | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        if isinstance(model, onnx.ModelProto):
+            model = model.SerializeToString()
+        elif isinstance(model, Path):
+            model = str(model)
+        available = set(ort.get_available_providers())
+        missing = [p for p in providers if p not in available]
+        if missing:
+            from tome_export.errors import BackendMissing
+
+            raise BackendMissing(
+                f"ONNX Runtime here lacks {', '.join(missing)}; for CUDA install 'tome-export[gpu]'"
+            )
+        self.session = ort.InferenceSession(model, options, providers=list(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(None, feeds)
+        return dict(zip(self.output_names, outputs))
+
+    def end_profiling(self) -> str:
+        return self.session.end_profiling()
