@@ -55,16 +55,47 @@ def main() -> None:
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def export_command(model, target, method, r, schedule, input_shape, out, lowering, device, opset,
-                   weights, trust_pickle, no_verify, seeds, atol, no_prop_attn, as_json, quiet) -> None:
+def export_command(
+    model,
+    target,
+    method,
+    r,
+    schedule,
+    input_shape,
+    out,
+    lowering,
+    device,
+    opset,
+    weights,
+    trust_pickle,
+    no_verify,
+    seeds,
+    atol,
+    no_prop_attn,
+    as_json,
+    quiet,
+) -> None:
     """Export MODEL with token merging and verify it against eager PyTorch."""
     from tome_export.pipeline import ExportOptions, export
     from tome_export.progress import Progress
 
     options = ExportOptions(
-        model=model, target=target, method=method, r=r, schedule=schedule, input_shape=input_shape,
-        out=out, lowering=lowering, device=device, opset=opset, verify=not no_verify, seeds=seeds,
-        atol=atol, weights=weights, trust_pickle=trust_pickle, prop_attn=not no_prop_attn,
+        model=model,
+        target=target,
+        method=method,
+        r=r,
+        schedule=schedule,
+        input_shape=input_shape,
+        out=out,
+        lowering=lowering,
+        device=device,
+        opset=opset,
+        verify=not no_verify,
+        seeds=seeds,
+        atol=atol,
+        weights=weights,
+        trust_pickle=trust_pickle,
+        prop_attn=not no_prop_attn,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)

@@ -42,7 +42,9 @@ class BundleWriter:
         self.path: Path | None = None
 
     def __enter__(self) -> BundleWriter:
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.resolve().parent))
+        self.path = Path(
+            tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.resolve().parent)
+        )
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

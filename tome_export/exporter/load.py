@@ -52,7 +52,9 @@ def _load_state_dict(path: str) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path} is not a weights-only state dict ({type(exc).__name__}); save model.state_dict()") from None
+        raise UserError(
+            f"{path} is not a weights-only state dict ({type(exc).__name__}); save model.state_dict()"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -112,16 +114,14 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module:
     except Exception:
         raise UserError(f"{path} is not a PyTorch file (torch.save of an nn.Module)") from None
     if isinstance(obj, dict):
-        raise UserError(
-            f"{path} holds a state dict, not a model: use timm:NAME --weights {path} or a factory"
-        )
+        raise UserError(f"{path} holds a state dict, not a model: use timm:NAME --weights {path} or a factory")
     return obj
 
 
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
     """Load MODEL as the CLI accepts it. Raises UserError with a one-line reason."""
     if spec.startswith("timm:"):
-        name = spec[len("timm:"):]
+        name = spec[len("timm:") :]
         module, short = _from_timm(name, weights), name
     elif ":" in spec and not Path(spec).exists():
         module, short = _from_factory(spec), spec.rsplit(":", 1)[1]

@@ -9,8 +9,8 @@ export time, so the functions read them from their inputs and emit constants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from onnxscript import opset18 as op
 
@@ -42,6 +42,7 @@ def get_lowering(name: str) -> Lowering:
 
 
 # -- small graph helpers -------------------------------------------------------------
+
 
 def ints(*values: int):
     return op.Constant(value_ints=list(values))
@@ -120,6 +121,7 @@ def finish(merged, x, size, channels: int, protected: int):
 
 
 # -- scatter -------------------------------------------------------------------------
+
 
 def merge_scatter(metric, x, size, r: int, protected: int):
     batch, num_tokens, channels = (int(d) for d in x.shape)

@@ -6,7 +6,7 @@ the reference every export is verified against.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

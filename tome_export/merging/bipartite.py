@@ -50,9 +50,7 @@ def match(metric: torch.Tensor, r: int, protected: int = 0) -> MergeDecision:
     return MergeDecision(unm_idx, src_idx, dst_idx, protected, num_tokens)
 
 
-def merge_weighted(
-    decision: MergeDecision, x: torch.Tensor, size: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_weighted(decision: MergeDecision, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge of ``x`` (B, N, C) with token sizes (B, N, 1)."""
     p = decision.protected
     channels = x.shape[-1]

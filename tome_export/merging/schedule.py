@@ -61,9 +61,7 @@ def parse(text: str) -> Schedule:
             return Schedule("linear", r=r, inflection=inflection)
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise UserError(
-            f"--schedule {text!r} is malformed: use a list like 16,16,8,0 or linear:R:INFLECTION"
-        ) from None
+        raise UserError(f"--schedule {text!r} is malformed: use a list like 16,16,8,0 or linear:R:INFLECTION") from None
     if any(v < 0 for v in values):
         raise UserError(f"--schedule {text!r}: every r must be ≥ 0")
     return Schedule("list", per_layer=values)

@@ -99,9 +99,7 @@ def _tome_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if r > 0:
         if state.size is None:
             state.size = torch.ones_like(x[..., :1])
-        x, state.size, slot = torch.ops.tome_export.bipartite_merge(
-            metric, x, state.size, r, state.protected
-        )
+        x, state.size, slot = torch.ops.tome_export.bipartite_merge(metric, x, state.size, r, state.protected)
         state.slots.append(slot)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 

@@ -37,9 +37,7 @@ class OnnxRuntimeRunner:
         if missing:
             from tome_export.errors import BackendMissing
 
-            raise BackendMissing(
-                f"ONNX Runtime here lacks {', '.join(missing)}; for CUDA install 'tome-export[gpu]'"
-            )
+            raise BackendMissing(f"ONNX Runtime here lacks {', '.join(missing)}; for CUDA install 'tome-export[gpu]'")
         self.session = ort.InferenceSession(model, options, providers=list(providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
