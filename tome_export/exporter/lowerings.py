@@ -10,7 +10,7 @@ export time, so the functions read them from their inputs and emit constants.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from onnxscript import opset18 as op
 
@@ -21,9 +21,15 @@ INT64_MAX = 2**63 - 1
 
 @dataclass(frozen=True)
 class Lowering:
+    """One way to write every merge op in ONNX.
+
+    ``translations`` maps a custom op's qualified name (``"tome_export::bipartite_merge"``)
+    to its onnxscript translation function.
+    """
+
     name: str
     summary: str
-    merge: Callable  # onnxscript translation of bipartite_merge
+    translations: dict[str, Callable] = field(default_factory=dict)
     custom_domains: tuple[str, ...] = ()
 
 
@@ -33,6 +39,16 @@ LOWERINGS: dict[str, Lowering] = {}
 def register_lowering(lowering: Lowering) -> Lowering:
     LOWERINGS[lowering.name] = lowering
     return lowering
+
+
+def register_translation(lowering: str, op_name: str):
+    """Decorator: add ``op_name``'s translation to an existing lowering."""
+
+    def decorator(fn: Callable) -> Callable:
+        LOWERINGS[lowering].translations[op_name] = fn
+        return fn
+
+    return decorator
 
 
 def get_lowering(name: str) -> Lowering:
@@ -143,6 +159,6 @@ register_lowering(
     Lowering(
         "scatter",
         "GatherElements + ScatterElements(add) on size-weighted values, then divide",
-        merge_scatter,
+        {"tome_export::bipartite_merge": merge_scatter},
     )
 )

@@ -58,8 +58,13 @@ def input_names_for(model: nn.Module, count: int) -> list[str]:
 
 
 def translation_table(lowering: str) -> dict:
-    merge = get_lowering(lowering).merge
-    table = {overload: merge for overload in merge_op_overloads()}
+    """Every merge op the lowering translates, plus the ATen fixes."""
+    chosen = get_lowering(lowering)
+    table = {}
+    for overload in merge_op_overloads():
+        qualified = overload.name().split(".")[0]  # "tome_export::bipartite_merge"
+        if qualified in chosen.translations:
+            table[overload] = chosen.translations[qualified]
     table.update(aten_fixes.translation_table())
     return table
 

@@ -34,5 +34,10 @@ def _bipartite_merge_fake(metric, x, size, r, protected):
 
 
 def merge_op_overloads() -> list:
-    """Every custom op a lowering must translate."""
-    return [torch.ops.tome_export.bipartite_merge.default]
+    """Every custom op of the ``tome_export`` namespace that appears in exported graphs.
+
+    Methods that add ops register them under the same namespace; a lowering must
+    translate each one it meets."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    packets = [getattr(namespace, name) for name in dir(namespace) if not name.startswith("_")]
+    return [packet.default for packet in packets if hasattr(packet, "default")]
