@@ -33,6 +33,15 @@ def _apply_none(model: nn.Module, **options) -> nn.Module:
 register_method("tome")(apply_tome)
 
 
+def _apply_tdtm(model: nn.Module, **options) -> nn.Module:
+    from tome_export.merging.tdtm import apply_tdtm
+
+    return apply_tdtm(model, **options)
+
+
+register_method("tdtm")(_apply_tdtm)
+
+
 def apply(model: nn.Module, method: str = "tome", **options) -> nn.Module:
     """Patch ``model`` in place with a merging ``method`` and return it."""
     if method not in METHODS:

@@ -1,0 +1,100 @@
+"""Save ONNX graphs whose large initializers live in a shared external-data file.
+
+Several graphs (TDTM's merged and full variants, or the same block of both) point into one
+weights file: a tensor whose bytes are already in the file is referenced at its offset
+instead of written again, so identical weights are stored once on disk and graphs stay
+small. Offsets are page-aligned so ONNX Runtime may memory-map them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+
+ALIGN = 4096
+MIN_EXTERNAL_BYTES = 1024
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    """The tensor's data as raw little-endian bytes (whatever field holds it)."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def initializer_nbytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        return int(info.get("length", 0))
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return numpy_helper.to_array(tensor).nbytes
+
+
+@dataclass
+class SharedWeightsFile:
+    """Appends tensors to ``path``, deduplicated by content; ``stored`` vs ``referenced`` bytes."""
+
+    path: Path
+    stored_bytes: int = 0
+    referenced_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self._index: dict[str, tuple[int, int]] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"")
+
+    def _place(self, data: bytes) -> tuple[int, int]:
+        key = hashlib.sha256(data).hexdigest()
+        if key not in self._index:
+            with open(self.path, "r+b") as handle:
+                handle.seek(0, os.SEEK_END)
+                offset = -(-handle.tell() // ALIGN) * ALIGN
+                handle.seek(offset)
+                handle.write(data)
+            self._index[key] = (offset, len(data))
+            self.stored_bytes += len(data)
+        self.referenced_bytes += len(data)
+        return self._index[key]
+
+    def save(self, model: onnx.ModelProto, model_path: Path, min_bytes: int = MIN_EXTERNAL_BYTES) -> None:
+        """Write ``model`` to ``model_path`` with its large initializers in this file."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        location = os.path.relpath(self.path, model_path.parent)
+        for tensor in copy.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise ValueError(f"initializer {tensor.name} is external already; load the model with its data")
+            data = tensor_bytes(tensor)
+            if len(data) < min_bytes:
+                continue
+            offset, length = self._place(data)
+            for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                tensor.ClearField(name)
+            tensor.raw_data = data  # set_external_data expects raw_data, then we drop it
+            set_external_data(tensor, location=location, offset=offset, length=length)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(copy, str(model_path))
+
+
+def save_sharing_weights(
+    models: dict[Path, onnx.ModelProto], weights_path: Path, min_bytes: int = MIN_EXTERNAL_BYTES
+) -> dict:
+    """Save every model of ``models`` with one shared weights file; returns byte counts."""
+    store = SharedWeightsFile(weights_path)
+    for path, model in models.items():
+        store.save(model, path, min_bytes)
+    return {
+        "file": weights_path.name,
+        "stored_bytes": store.stored_bytes,
+        "referenced_bytes": store.referenced_bytes,
+        "saved_bytes": store.referenced_bytes - store.stored_bytes,
+    }
