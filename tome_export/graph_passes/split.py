@@ -172,7 +172,7 @@ def split_model(model: onnx.ModelProto, budget_bytes: int) -> SplitPlan:
 
     target = budget_bytes // 2
     groups: list[tuple[int, int]] = []
-    for (a, b), size in zip(segments, seg_bytes):
+    for a, b in segments:
         if groups and weights_of(groups[-1][0], b) <= target:
             groups[-1] = (groups[-1][0], b)
         else:
