@@ -53,6 +53,10 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
+@click.option("--merge-steps", type=int, default=None, help="tdtm: first K denoising steps use merged frames.")
+@click.option("--num-steps", type=int, default=None, help="tdtm: denoising steps in all (default 30).")
+@click.option("--dynamic-loading", is_flag=True, help="Also split the graph into blocks loaded on demand.")
+@click.option("--memory-budget", default=None, help="Dynamic loading budget, e.g. 512MB (default: device's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -72,6 +76,10 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    merge_steps,
+    num_steps,
+    dynamic_loading,
+    memory_budget,
     as_json,
     quiet,
 ) -> None:
@@ -96,6 +104,10 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        merge_steps=merge_steps,
+        num_steps=num_steps,
+        dynamic_loading=dynamic_loading,
+        memory_budget=memory_budget,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)

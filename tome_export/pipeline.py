@@ -25,6 +25,7 @@ from tome_export.progress import Progress
 from tome_export.targets import ExportContext, get_target
 
 DEFAULT_R = 16
+DEFAULT_NUM_STEPS = 30
 
 
 @dataclass
@@ -45,6 +46,10 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    merge_steps: int | None = None  # tdtm: denoising steps that use the merged graph
+    num_steps: int | None = None  # tdtm: total denoising steps (default DEFAULT_NUM_STEPS)
+    dynamic_loading: bool = False
+    memory_budget: str | None = None  # e.g. "512MB"; default: the device profile's
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
@@ -67,6 +72,13 @@ def parse_input_shape(text: str) -> list[tuple[int, ...]]:
 def _method_options(options: ExportOptions) -> tuple[str, dict]:
     if options.method not in METHODS:
         raise UserError(f"unknown method {options.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    if options.method != "tdtm" and (options.merge_steps is not None or options.num_steps is not None):
+        raise UserError(f"--merge-steps/--num-steps apply to method 'tdtm', not {options.method!r}")
+    if options.method == "tdtm" and options.merge_steps is None:
+        raise UserError("--method tdtm needs --merge-steps K: the first K denoising steps use merged frames")
+    if options.method == "tdtm" and options.r is None and not options.schedule:
+        num_steps = DEFAULT_NUM_STEPS if options.num_steps is None else options.num_steps
+        return "tdtm", {"merge_steps": options.merge_steps, "num_steps": num_steps}
     if options.method != "tome":
         if options.r is not None or options.schedule:
             raise UserError(f"--r/--schedule apply to method 'tome', not {options.method!r}")
@@ -110,13 +122,17 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             f"target {target.name!r} cannot run lowering {lowering!r}; use one of {', '.join(target.lowerings)}"
         )
     method, method_opts = _method_options(options)
+    from tome_export.targets.video import resolve_budget
+
+    budget = resolve_budget(options.dynamic_loading, options.memory_budget, device.memory_budget_mb)
     if options.input_shape is not None:
         input_shapes = parse_input_shape(options.input_shape)
     loaded = load_model(options.model, options.weights, options.trust_pickle)
     if options.input_shape is None:
-        if loaded.default_input_shape is None:
+        several = getattr(loaded.module, "example_input_shapes", None)  # models with several inputs
+        if loaded.default_input_shape is None and not several:
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
-        input_shapes = [loaded.default_input_shape]
+        input_shapes = [tuple(s) for s in several] if several else [loaded.default_input_shape]
     model = apply(loaded.module, method, **method_opts)
     out = Path(options.out) if options.out else default_out(loaded.name, method, method_opts, target.name)
     try:
@@ -140,6 +156,15 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
                 "merge": _merge_manifest(model, method),
             }
         )
-        target.build(ctx)
+        if method == "tdtm":
+            from tome_export.targets.video import build_tdtm_variants
+
+            build_tdtm_variants(ctx, target)
+        else:
+            target.build(ctx)
+        if budget is not None:
+            from tome_export.targets.video import add_dynamic_loading
+
+            add_dynamic_loading(ctx, budget)
         manifest = bundle.write_manifest(ctx.manifest)
     return out, manifest
