@@ -134,6 +134,10 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
         input_shapes = [tuple(s) for s in several] if several else [loaded.default_input_shape]
     model = apply(loaded.module, method, **method_opts)
+    if budget is not None:
+        from tome_export.targets.video import check_budget_fits
+
+        check_budget_fits(model, budget)
     out = Path(options.out) if options.out else default_out(loaded.name, method, method_opts, target.name)
     try:
         with torch.no_grad():

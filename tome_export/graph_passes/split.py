@@ -1,8 +1,8 @@
 """Split an ONNX model into consecutive block sub-models that fit a memory budget.
 
 Cuts go where the fewest activations cross — between transformer blocks only the hidden
-state does, once long-lived values (conditioning such as a timestep embedding that every
-block reads, alive across more than half the graph) are set aside; those are passed to
+state does (one more, ToMe's token sizes, is allowed when needed to fit the budget), once long-lived values (conditioning such as a timestep embedding, read in several
+blocks) are set aside; those are passed to
 each block that needs them. Graph inputs are read from the caller's feeds. Small ``Constant``
 nodes are copied into each block that uses them. Blocks are packed greedily up to half the
 budget, so the next block can load while the current one computes; a block that holds more
@@ -37,7 +37,7 @@ def parse_bytes(text: str | int) -> int:
 
 
 def format_bytes(count: int) -> str:
-    return f"{count / 1e6:.1f} MB"
+    return f"{count / 1e6:.1f} MB" if count >= 10**5 else f"{count / 1e3:.1f} kB"
 
 
 @dataclass
@@ -124,12 +124,32 @@ def split_model(model: onnx.ModelProto, budget_bytes: int) -> SplitPlan:
         last_use[name] = count
 
     # crossing[k]: activations alive across the cut before node k, not counting long-lived
-    # ones (alive across more than half the graph: conditioning that every block reads).
+    # ones (conditioning that blocks read, like a timestep embedding): alive across a whole
+    # block of the model's block stack (torch.onnx records module scopes, e.g. model.blocks.3) or, without that
+    # metadata, across more than half the graph.
+    # The block stack is the indexed module list holding the most weights (model.blocks).
+    scopes = [_scope(n) for n in nodes]
+    stack_weight: dict[str, int] = {}
+    for scope, names in zip(scopes, inputs_of):
+        if scope:
+            parent = scope.rsplit(".", 1)[0]
+            stack_weight[parent] = stack_weight.get(parent, 0) + sum(sizes.get(n, 0) for n in names)
+    stack = max(stack_weight, key=stack_weight.get) if stack_weight else None
+    spans: dict[str, list[int]] = {}
+    for i, scope in enumerate(scopes):
+        if scope and scope.rsplit(".", 1)[0] == stack:
+            spans.setdefault(scope, [i, i])[1] = i
+
+    def long_lived(name: str, made_at: int) -> bool:
+        if spans:
+            return any(made_at <= first and last < last_use[name] for first, last in spans.values())
+        return last_use[name] - made_at > count // 2
+
     diff = [0] * (count + 2)
     for name, p in producer.items():
         if name in constants or name not in last_use or last_use[name] <= p:
             continue
-        if last_use[name] - p > count // 2:
+        if long_lived(name, p):
             continue
         diff[p + 1] += 1
         diff[min(last_use[name], count - 1) + 1] -= 1
@@ -153,15 +173,21 @@ def split_model(model: onnx.ModelProto, budget_bytes: int) -> SplitPlan:
     interior = [k for k in range(1, count) if min(weight_before[k], total - weight_before[k]) >= EDGE_FRACTION * total]
     positions = interior or list(range(1, count))
     fewest = min((crossing[k] for k in positions), default=0)
-    cuts = [k for k in positions if crossing[k] <= fewest]
 
     def weights_of(start: int, end: int) -> int:
         used = {n for names in inputs_of[start:end] for n in names if n in sizes}
         return sum(sizes[n] for n in used)
 
-    bounds = [0, *cuts, count]
-    segments = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-    seg_bytes = [weights_of(a, b) for a, b in segments]
+    # Cut where only the hidden state crosses; allow one more tensor (ToMe's token sizes
+    # cross between blocks) when that is what it takes to fit half, then all, of the budget.
+    levels = []
+    for level in (fewest, fewest + 1):
+        bounds = [0, *(k for k in positions if crossing[k] <= level), count]
+        segments = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        levels.append((segments, [weights_of(a, b) for a, b in segments]))
+    segments, seg_bytes = next(
+        (lv for limit in (budget_bytes // 2, budget_bytes) for lv in levels if max(lv[1]) <= limit), levels[-1]
+    )
     largest = max(range(len(segments)), key=lambda i: seg_bytes[i])
     if seg_bytes[largest] > budget_bytes:
         a, b = segments[largest]

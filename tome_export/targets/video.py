@@ -39,6 +39,30 @@ def resolve_budget(dynamic_loading: bool, memory_budget: str | None, device_budg
     raise UserError("--dynamic-loading needs a memory budget: pass --memory-budget like 512MB")
 
 
+def check_budget_fits(model, budget_bytes: int) -> None:
+    """Fail before exporting when one block of the model's block stack alone exceeds the budget.
+
+    The block stack is the module list holding the most parameters (``blocks``); the split
+    pass checks the exported graph again, exactly.
+    """
+    from torch import nn
+
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1]
+    if not stacks:
+        return
+
+    def nbytes(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    name, stack = max(stacks, key=lambda item: nbytes(item[1]))
+    index, block = max(enumerate(stack), key=lambda item: nbytes(item[1]))
+    if nbytes(block) > budget_bytes:
+        raise UserError(
+            f"memory budget {format_bytes(budget_bytes)} is smaller than block model.{name}.{index} "
+            f"of {format_bytes(nbytes(block))}; raise --memory-budget to at least that"
+        )
+
+
 def build_tdtm_variants(ctx: ExportContext, target: Target) -> None:
     """Export, verify and save the merged and the full variant sharing one weights file."""
     from tome_export.merging.tdtm import forced, tdtm_state
