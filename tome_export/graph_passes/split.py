@@ -52,6 +52,7 @@ class Block:
     outputs: list[str]
     weight_bytes: int
     scope: str
+    activation_bytes: int = 0  # peak bytes of live intermediate tensors (no memory reuse assumed)
 
 
 @dataclass
@@ -216,6 +217,13 @@ def split_model(model: onnx.ModelProto, budget_bytes: int) -> SplitPlan:
         ]
         blocks[-1].model.graph.ClearField("output")
         blocks[-1].model.graph.output.extend(infos[o] for o in blocks[-1].outputs)
+    for block in blocks:
+        if block.weight_bytes + block.activation_bytes > budget_bytes:
+            raise UserError(
+                f"memory budget {format_bytes(budget_bytes)} is smaller than block {block.scope} with "
+                f"{format_bytes(block.weight_bytes)} of weights and {format_bytes(block.activation_bytes)} "
+                "of activations; raise --memory-budget"
+            )
     return SplitPlan(blocks, budget_bytes, graph_inputs, graph_outputs, [crossing[b] for _, b in groups[:-1]])
 
 
@@ -236,7 +244,39 @@ def _build_block(model, nodes, inputs_of, index, start, end, initializers, sizes
     )
     sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sub.functions.extend(model.functions)
-    return Block(index, start, end, sub, inputs, [], sum(sizes[n] for n in weights), _describe(nodes, start, end))
+    block = Block(index, start, end, sub, inputs, [], sum(sizes[n] for n in weights), _describe(nodes, start, end))
+    block.activation_bytes = _peak_live_bytes(block_nodes, inputs, infos)
+    return block
+
+
+def _tensor_bytes(info: onnx.ValueInfoProto | None) -> int:
+    if info is None or not info.type.HasField("tensor_type"):
+        return 0
+    tensor = info.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize if tensor.elem_type else 4
+    count = 1
+    for d in dims:
+        count *= d
+    return count * itemsize
+
+
+def _peak_live_bytes(block_nodes: list[onnx.NodeProto], inputs: list[str], infos: dict) -> int:
+    """Largest total size of tensors alive at once while the block runs (its inputs included)."""
+    last = {}
+    for i, node in enumerate(block_nodes):
+        for name in _node_inputs(node):
+            last[name] = i
+    live = {n: _tensor_bytes(infos.get(n)) for n in inputs}
+    peak = sum(live.values())
+    for i, node in enumerate(block_nodes):
+        for out in node.output:
+            if out:
+                live[out] = _tensor_bytes(infos.get(out))
+        peak = max(peak, sum(live.values()))
+        for name in [n for n in live if last.get(n, len(block_nodes)) <= i]:
+            del live[name]
+    return peak
 
 
 def write_blocks(
@@ -267,6 +307,7 @@ def write_blocks(
                 "inputs": list(block.inputs),
                 "outputs": list(block.outputs),
                 "bytes": block.weight_bytes,
+                "activation_bytes": block.activation_bytes,
                 "scope": block.scope,
             }
         )

@@ -10,6 +10,7 @@ loaded. ``run()`` records per-block load / wait / compute times and peak residen
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import threading
 import time
@@ -104,6 +105,21 @@ class _RssSampler:
         self.peak = max(self.peak, self.now())
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would not drop)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def block_session_options(intra_op_threads: int | None = None):
     """Session options for blocks — also what an unsplit run must use to match them bit for bit.
 
@@ -142,16 +158,15 @@ class DynamicRunner:
         self.verify_files = verify_files
         self.providers = providers
         self.intra_op_threads = intra_op_threads
-        too_big = [(i, b) for i, b in enumerate(blocks) if b.bytes > self.budget_bytes]
+        too_big = [(i, b) for i, b in enumerate(blocks) if b.cost > self.budget_bytes]
         if too_big:
             i, b = too_big[0]
             raise UserError(
-                f"block {i} ({b.artifact}) holds {b.bytes / 1e6:.1f} MB, more than the "
+                f"block {i} ({b.artifact}) needs {b.cost / 1e6:.1f} MB (weights and activations), more than the "
                 f"{self.budget_bytes / 1e6:.1f} MB budget; raise the budget or split again"
             )
         self._sessions: dict[int, object] = {}
         self._recent: list[int] = []  # resident blocks, least recently used first
-        self._verified: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-loader")
         # Values still needed after block i (graph outputs kept to the end).
         self._keep_after = []
@@ -182,14 +197,13 @@ class DynamicRunner:
             path = self.root / relative
             if not path.is_file():
                 raise BlockFileError(f"block file {relative} is missing from {self.root}; re-export the bundle")
-            if not self.verify_files or relative in self._verified:
-                continue
-            if _sha256(path) != expected:
+            # Checked at every load, not once: a file may change between loads. Reading it
+            # also brings it into the page cache, so the session's mapped weights fault in cheaply.
+            if self.verify_files and _sha256(path) != expected:
                 raise BlockFileError(
                     f"block file {relative} in {self.root} was modified (sha256 differs from the manifest); "
                     "re-export the bundle"
                 )
-            self._verified.add(relative)
 
     def _load(self, index: int) -> tuple[object, float]:
         import onnxruntime as ort
@@ -206,7 +220,7 @@ class DynamicRunner:
         return session, time.perf_counter() - start
 
     def _resident_bytes(self) -> int:
-        return sum(self.blocks[i].bytes for i in self._sessions)
+        return sum(self.blocks[i].cost for i in self._sessions)
 
     def _make_room(self, needed: int, keep: set[int]) -> bool:
         """Unload blocks (most recently used first, never those in ``keep``) until ``needed`` fits."""
@@ -218,9 +232,12 @@ class DynamicRunner:
         return True
 
     def _unload(self, index: int) -> None:
-        self._sessions.pop(index, None)
+        session = self._sessions.pop(index, None)
         if index in self._recent:
             self._recent.remove(index)
+        if session is not None:
+            del session
+            _release_freed_memory()
 
     def _touch(self, index: int) -> None:
         if index in self._recent:
@@ -246,14 +263,14 @@ class DynamicRunner:
                         session, timings[i].load_s = pending.pop(i).result()
                         self._sessions[i], timings[i].loaded = session, True
                     elif i not in self._sessions:
-                        self._make_room(spec.bytes, keep=set())
+                        self._make_room(spec.cost, keep=set())
                         self._sessions[i], timings[i].load_s = self._load(i)
                         timings[i].loaded = True
                     timings[i].wait_s = time.perf_counter() - wait_start
                     self._touch(i)
                     nxt = i + 1
                     if self.prefetch and nxt < len(self.blocks) and nxt not in self._sessions:
-                        if self._make_room(self.blocks[nxt].bytes, keep={i}):
+                        if self._make_room(self.blocks[nxt].cost, keep={i}):
                             pending[nxt] = self._pool.submit(self._load, nxt)
                             # Count it as resident from now: its memory is being allocated.
                             self._sessions[nxt] = None
