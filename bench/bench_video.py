@@ -88,7 +88,7 @@ def worker(mode: str, bundle: Path, budget: int, runs: int) -> dict:
         }
         per_block = {name: [] for name in runners}
         samples = {name: [] for name in runners}
-        for name, runner in runners.items():
+        for runner in runners.values():
             runner.run(feeds)  # warm-up: all-resident loads everything once here
         for _ in range(runs):
             for name, runner in runners.items():
@@ -179,30 +179,31 @@ def main() -> None:
 
     # (a) TDTM, ORT default session options, 2 threads.
     log("(a) TDTM: one block and a full forward, merged vs full")
-    block_full = ort.InferenceSession(str(workdir / "blocks/block_02.onnx"))
-    block_merged = ort.InferenceSession(str(workdir / "blocks/merged_block_02.onnx"))
-    block_feeds = feeds_for(block_full)
+    sessions = {
+        "block_full": ort.InferenceSession(str(workdir / "blocks/block_02.onnx")),
+        "block_merged": ort.InferenceSession(str(workdir / "blocks/merged_block_02.onnx")),
+        "full": ort.InferenceSession(str(workdir / "model.onnx")),
+        "merged": ort.InferenceSession(str(workdir / "model_merged.onnx")),
+    }
+    block_feeds = feeds_for(sessions["block_full"])
     block = interleaved(
-        {"full": lambda: block_full.run(None, block_feeds), "merged": lambda: block_merged.run(None, block_feeds)},
+        {name: (lambda n=f"block_{name}": sessions[n].run(None, block_feeds)) for name in ("full", "merged")},
         runs=max(args.runs * 4, 20),
     )
-    full = ort.InferenceSession(str(workdir / "model.onnx"))
-    merged = ort.InferenceSession(str(workdir / "model_merged.onnx"))
-    feeds = feeds_for(full)
+    feeds = feeds_for(sessions["full"])
     forward = interleaved(
-        {"full": lambda: full.run(None, feeds), "merged": lambda: merged.run(None, feeds)}, runs=args.runs
+        {name: (lambda n=name: sessions[n].run(None, feeds)) for name in ("full", "merged")}, args.runs
     )
     log(f"(a) denoising loop, {NUM_STEPS} steps, TDTM in the first {MERGE_STEPS}")
 
     def loop(use_tdtm: bool) -> None:
         for step in range(NUM_STEPS):
-            session = merged if use_tdtm and step < MERGE_STEPS else full
-            session.run(None, feeds)
+            sessions["merged" if use_tdtm and step < MERGE_STEPS else "full"].run(None, feeds)
 
     loops = interleaved({"no_merging": lambda: loop(False), "tdtm": lambda: loop(True)}, runs=1, warmup=0)
     flops = block_flops(num_frames=8, spatial=32, dim=1152, text_tokens=16)
     loop_theory = NUM_STEPS / (MERGE_STEPS / forward["full"] * forward["merged"] + (NUM_STEPS - MERGE_STEPS))
-    del block_full, block_merged, full, merged
+    sessions.clear()
 
     # (b) dynamic loading, fresh processes.
     log(f"(b) dynamic loading, budget {budget / 1e6:.0f} MB, model weights {model_bytes / 1e6:.0f} MB")
@@ -211,9 +212,7 @@ def main() -> None:
     timing = run_worker("timing", workdir, budget, args.runs)
     med = timing["median_s"]
     result = {
-        "machine": "2-core x86 CPU shared with other jobs (noisy), ONNX Runtime "
-        + ort.__version__
-        + ", fp32, batch 1",
+        "machine": "2-core x86 CPU shared with other jobs (noisy), ONNX Runtime " + ort.__version__ + ", fp32, batch 1",
         "model": {
             "name": "samples.stdit:stdit_bench",
             "weights_bytes": model_bytes,
