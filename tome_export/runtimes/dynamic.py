@@ -32,13 +32,24 @@ class BlockSpec:
     artifact: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    bytes: int
+    bytes: int  # weights
     files: dict  # relative path → sha256 (graph and weights)
+    activation_bytes: int = 0  # peak live intermediates, from the split pass
+
+    @property
+    def cost(self) -> int:
+        """What the block counts against the budget while resident."""
+        return self.bytes + self.activation_bytes
 
     @classmethod
     def from_entry(cls, entry: dict) -> BlockSpec:
         return cls(
-            entry["artifact"], tuple(entry["inputs"]), tuple(entry["outputs"]), int(entry["bytes"]), entry["sha256"]
+            entry["artifact"],
+            tuple(entry["inputs"]),
+            tuple(entry["outputs"]),
+            int(entry["bytes"]),
+            entry["sha256"],
+            int(entry.get("activation_bytes", 0)),
         )
 
 
