@@ -185,9 +185,10 @@ def main() -> None:
         "full": ort.InferenceSession(str(workdir / "model.onnx")),
         "merged": ort.InferenceSession(str(workdir / "model_merged.onnx")),
     }
-    block_feeds = feeds_for(sessions["block_full"])
+    # The two graphs name their tensors differently: random feeds per session, same shapes.
+    block_feeds = {n: feeds_for(sessions[f"block_{n}"]) for n in ("full", "merged")}
     block = interleaved(
-        {name: (lambda n=f"block_{name}": sessions[n].run(None, block_feeds)) for name in ("full", "merged")},
+        {name: (lambda n=name: sessions[f"block_{n}"].run(None, block_feeds[n])) for name in ("full", "merged")},
         runs=max(args.runs * 4, 20),
     )
     feeds = feeds_for(sessions["full"])

@@ -192,9 +192,8 @@ class DynamicRunner:
         cls, bundle_dir: str | Path, manifest: dict, variant: str | None = None, **options
     ) -> DynamicRunner:
         """The runner for a bundle's ``dynamic_loading`` section (or that of ``variants[variant]``)."""
-        section = (
-            manifest.get("dynamic_loading") if variant is None else manifest["variants"][variant].get("dynamic_loading")
-        )
+        holder = manifest if variant is None else manifest.get("variants", {}).get(variant, {})
+        section = holder.get("dynamic_loading")
         if not section:
             where = "the manifest" if variant is None else f"variant {variant!r}"
             raise UserError(f"{where} of {bundle_dir} has no dynamic_loading section; export with --dynamic-loading")
