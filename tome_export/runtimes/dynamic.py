@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -116,6 +117,27 @@ class _RssSampler:
         self.peak = max(self.peak, self.now())
 
 
+def _read_through(path: Path) -> None:
+    """Read a file to bring it into the page cache (cheap on CPU: no hashing)."""
+    buffer = bytearray(1 << 22)
+    with open(path, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _release_freed_memory() -> None:
     """Give freed heap pages back to the OS (glibc keeps them otherwise; RSS would not drop)."""
     global _MALLOC_TRIM
@@ -160,8 +182,12 @@ class DynamicRunner:
         verify_files: bool = True,
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         intra_op_threads: int | None = None,
+        drop_page_cache: bool = True,
     ) -> None:
         self.root = Path(root)
+        # After unloading, ask the kernel to drop the block's file pages too: on a device the
+        # page cache competes for the same memory, so the next load really reads storage.
+        self.drop_page_cache = drop_page_cache
         self.blocks = blocks
         self.outputs = list(outputs)
         self.budget_bytes = int(budget_bytes)
@@ -177,6 +203,8 @@ class DynamicRunner:
                 f"{self.budget_bytes / 1e6:.1f} MB budget; raise the budget or split again"
             )
         self._sessions: dict[int, object] = {}
+        self._verified: dict[str, tuple[int, int]] = {}  # relative path → (size, mtime) last hashed
+        self._pending: dict[int, Future] = {}  # prefetches, possibly of the next run's first block
         self._recent: list[int] = []  # resident blocks, least recently used first
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-loader")
         # Values still needed after block i (graph outputs kept to the end).
@@ -203,17 +231,24 @@ class DynamicRunner:
 
     # -- loading ----------------------------------------------------------------------
     def _check_files(self, spec: BlockSpec) -> None:
+        """Each file exists and matches its sha256; re-hashed whenever its size or mtime changed."""
         for relative, expected in spec.files.items():
             path = self.root / relative
-            if not path.is_file():
-                raise BlockFileError(f"block file {relative} is missing from {self.root}; re-export the bundle")
-            # Checked at every load, not once: a file may change between loads. Reading it
-            # also brings it into the page cache, so the session's mapped weights fault in cheaply.
-            if self.verify_files and _sha256(path) != expected:
+            try:
+                stat = path.stat()
+            except OSError:
+                raise BlockFileError(
+                    f"block file {relative} is missing from {self.root}; re-export the bundle"
+                ) from None
+            if not self.verify_files or self._verified.get(relative) == (stat.st_size, stat.st_mtime_ns):
+                _read_through(path)  # IO only: the session's memory-mapped weights then fault in cheaply
+                continue
+            if _sha256(path) != expected:
                 raise BlockFileError(
                     f"block file {relative} in {self.root} was modified (sha256 differs from the manifest); "
                     "re-export the bundle"
                 )
+            self._verified[relative] = (stat.st_size, stat.st_mtime_ns)
 
     def _load(self, index: int) -> tuple[object, float]:
         import onnxruntime as ort
@@ -248,6 +283,9 @@ class DynamicRunner:
         if session is not None:
             del session
             _release_freed_memory()
+            if self.drop_page_cache:
+                for relative in self.blocks[index].files:
+                    _drop_from_page_cache(self.root / relative)
 
     def _touch(self, index: int) -> None:
         if index in self._recent:
@@ -263,23 +301,26 @@ class DynamicRunner:
         timings = [BlockTiming(i) for i in range(len(self.blocks))]
         env = dict(feeds)
         peak_resident = 0
-        pending: dict[int, Future] = {}
+        pending = self._pending
+        count = len(self.blocks)
         start = time.perf_counter()
         with _RssSampler() as rss:
             try:
                 for i, spec in enumerate(self.blocks):
                     wait_start = time.perf_counter()
                     if i in pending:
-                        session, timings[i].load_s = pending.pop(i).result()
-                        self._sessions[i], timings[i].loaded = session, True
+                        self._sessions[i], timings[i].load_s = pending.pop(i).result()
+                        timings[i].loaded = True
                     elif i not in self._sessions:
                         self._make_room(spec.cost, keep=set())
                         self._sessions[i], timings[i].load_s = self._load(i)
                         timings[i].loaded = True
                     timings[i].wait_s = time.perf_counter() - wait_start
                     self._touch(i)
-                    nxt = i + 1
-                    if self.prefetch and nxt < len(self.blocks) and nxt not in self._sessions:
+                    # Next block, cyclically: after the last block, the next run's first one
+                    # (denoising calls the model again) loads while this run finishes.
+                    nxt = (i + 1) % count
+                    if self.prefetch and count > 1 and nxt not in self._sessions:
                         if self._make_room(self.blocks[nxt].cost, keep={i}):
                             pending[nxt] = self._pool.submit(self._load, nxt)
                             # Count it as resident from now: its memory is being allocated.
@@ -287,25 +328,35 @@ class DynamicRunner:
                             self._touch(nxt)
                     peak_resident = max(peak_resident, self._resident_bytes())
                     compute_start = time.perf_counter()
-                    session = self._sessions[i]
-                    names = [o.name for o in session.get_outputs()]
-                    values = session.run(names, {n: env[n] for n in spec.inputs})
+                    # No local reference to the session: unloading must really free it.
+                    names = list(spec.outputs)
+                    values = self._sessions[i].run(names, {n: env[n] for n in spec.inputs})
                     timings[i].compute_s = time.perf_counter() - compute_start
                     env.update(zip(names, values))
                     for name in [n for n in env if n not in self._keep_after[i]]:
                         del env[name]
-            finally:
-                for future in pending.values():  # an error above: don't leave a half-loaded block
-                    future.cancel()
-                for index, session in list(self._sessions.items()):
-                    if session is None:
-                        self._unload(index)
+            except BaseException:
+                self._drop_pending()  # don't leave a half-loaded block counted as resident
+                raise
         self.last_stats = RunStats(
             time.perf_counter() - start, timings, rss.peak, self._baseline_rss, peak_resident, self.budget_bytes
         )
         return {name: env[name] for name in self.outputs}
 
+    def _drop_pending(self) -> None:
+        for index, future in list(self._pending.items()):
+            future.cancel()
+            try:
+                future.result()
+            except Exception:  # the load's own error; the run's error is the one to report
+                pass
+            self._pending.pop(index)
+            self._sessions.pop(index, None)
+            if index in self._recent:
+                self._recent.remove(index)
+
     def close(self) -> None:
+        self._drop_pending()
         self.unload_all()
         self._pool.shutdown(wait=True)
 
