@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,14 +78,21 @@ def worker(mode: str, bundle: Path, budget: int, runs: int) -> dict:
     }
     if mode == "timing":
         huge = 10**12
+        # Each runner gets its own copy of the block files: a session maps its weights file,
+        # which pins that file's page cache, and would turn another runner's loads into
+        # page-cache hits (on-demand runners drop a block's pages when they unload it).
+        copies = {}
+        for name in ("all_resident", "on_demand_no_prefetch", "on_demand_prefetch"):
+            copies[name] = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=bundle.parent))
+            shutil.copytree(bundle / "blocks", copies[name] / "blocks")
+        settings = {
+            "all_resident": {"budget_bytes": huge},
+            "on_demand_no_prefetch": {"budget_bytes": budget, "prefetch": False},
+            "on_demand_prefetch": {"budget_bytes": budget, "prefetch": True},
+        }
         runners = {
-            "all_resident": DynamicRunner.from_manifest(bundle, manifest, budget_bytes=huge, intra_op_threads=THREADS),
-            "on_demand_no_prefetch": DynamicRunner.from_manifest(
-                bundle, manifest, budget_bytes=budget, prefetch=False, intra_op_threads=THREADS
-            ),
-            "on_demand_prefetch": DynamicRunner.from_manifest(
-                bundle, manifest, budget_bytes=budget, prefetch=True, intra_op_threads=THREADS
-            ),
+            name: DynamicRunner.from_manifest(copies[name], manifest, intra_op_threads=THREADS, **settings[name])
+            for name in settings
         }
         per_block = {name: [] for name in runners}
         samples = {name: [] for name in runners}
@@ -95,6 +103,10 @@ def worker(mode: str, bundle: Path, budget: int, runs: int) -> dict:
                 runner.run(feeds)
                 samples[name].append(runner.last_stats.total_s)
                 per_block[name].append(runner.last_stats.blocks)
+        for runner in runners.values():
+            runner.close()
+        for copy in copies.values():
+            shutil.rmtree(copy, ignore_errors=True)
         result = {name: statistics.median(v) for name, v in samples.items()}
         blocks = {}
         for name, runs_blocks in per_block.items():
