@@ -12,6 +12,7 @@ import importlib
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module:
         raise UserError(f"model file {path} does not exist")
     if not file.is_file():
         raise UserError(f"{path} is not a file")
+    if not zipfile.is_zipfile(file):
+        raise UserError(f"{path} is not a PyTorch file (torch.save of an nn.Module)")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
