@@ -311,7 +311,8 @@ def profile_bundle(
     with tempfile.TemporaryDirectory(prefix="tome-profile-exports-") as tmp:
         configs: list[tuple[int | None, int]] = [(r, b) for r in (sweep or [None]) for b in batch_sizes]
         for index, (r, batch) in enumerate(configs):
-            if r is None and (not static or batch == base_batch):
+            same_r = r is None or schedule_key(manifest.get("merge", {}))[2] == r
+            if same_r and (not static or batch == base_batch):  # the bundle itself: no re-export
                 path, variant = bundle, manifest
             else:
                 path, variant = export_variant(
