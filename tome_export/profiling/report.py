@@ -131,6 +131,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80]
 
 
+def _natural(text: str) -> list:
+    """blocks.2 before blocks.10; names in parentheses (top level, inserted) first."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def write_plots(records: list[dict], rows: list[dict], out_dir: str | Path) -> list[Path]:
     """latency_vs_ratio.png (one line per device/model/batch) and layers_<device>_<model>.png."""
     try:
@@ -183,7 +188,7 @@ def write_plots(records: list[dict], rows: list[dict], out_dir: str | Path) -> l
         per_plot[(rec["device"], rec["model"], rec["batch_size"])].append(rec)
     for (device, model, batch), recs in sorted(per_plot.items()):
         recs.sort(key=lambda r: (r.get("r") is None, r.get("r") or 0, r["schedule"]))
-        layers = list(dict.fromkeys(layer for rec in recs for layer in rec["breakdown"]["by_layer"]))
+        layers = sorted({layer for rec in recs for layer in rec["breakdown"]["by_layer"]}, key=_natural)
         fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(layers) + 2), 4.5))
         width = 0.8 / len(recs)
         for i, rec in enumerate(recs):
