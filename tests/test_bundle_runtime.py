@@ -199,3 +199,14 @@ def test_classify_app_top5_matches_the_session(tiny_bundle, tmp_path, capsys):
     logits = session.run({"x": x})["output"][0]
     assert [e["class"] for e in top5] == list(np.argsort(-logits)[:5])
     assert all(a["probability"] >= b["probability"] for a, b in zip(top5, top5[1:]))
+
+
+def test_classify_app_decodes_an_image_file(tiny_bundle, tmp_path, capsys):
+    pil = pytest.importorskip("PIL.Image")
+    from samples import classify_app
+
+    pixels = (np.random.default_rng(3).random((90, 70, 3)) * 255).astype(np.uint8)
+    pil.fromarray(pixels).save(tmp_path / "img.png")
+    assert classify_app.main([str(tiny_bundle), str(tmp_path / "img.png")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and all("class " in line for line in lines)

@@ -83,6 +83,7 @@ def table(rows: list[dict]) -> str:
         "±spread",
         "p90 ms",
         "speed-up",
+        "per s",
         "merge %",
         "ops/run",
         "cosine",
@@ -104,6 +105,7 @@ def table(rows: list[dict]) -> str:
                 _fmt(row["spread_ms"], ".2f"),
                 _fmt(row["p90_ms"], ".2f"),
                 _fmt(base / row["median_ms"] if base else None, ".2f") + ("×" if base else ""),
+                _fmt(row["throughput_per_s"], ".1f"),
                 _fmt(row["merge_share"] * 100 if row["merge_share"] is not None else None, ".1f"),
                 _fmt(coverage * 100 if coverage is not None else None, ".0f")
                 + ("%" if coverage is not None else "")
@@ -121,7 +123,7 @@ def table(rows: list[dict]) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     out.append(
-        "spread = p90 − p10 of the timed runs; repeat 'ok' = the last two runs' medians differ by at most "
+        "spread = p90 − p10 of the timed runs; per s = batch / median; repeat 'ok' = the last two runs' medians differ by at most "
         "the larger spread; ops/run = per-op profiler time / end-to-end time (! = off by more than 10%)"
     )
     return "\n".join(out)
