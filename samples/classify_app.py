@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 
-def load_pixels(path: Path, height: int, width: int) -> np.ndarray:
+def load_pixels(path: Path, height: int, width: int, crop_pct: float | None = None) -> np.ndarray:
     """(H, W, 3) float32 in 0..1, resized to the model's size."""
     if path.suffix == ".npy":
         pixels = np.load(path)
@@ -33,8 +33,8 @@ def load_pixels(path: Path, height: int, width: int) -> np.ndarray:
     except ImportError:
         sys.exit("decoding image files needs Pillow (pip install pillow); or pass a .npy array")
     image = Image.open(path).convert("RGB")
-    # Resize the short side then centre-crop, as timm's eval transform does.
-    scale = max(height / image.height, width / image.width)
+    # Resize the short side to size / crop_pct, then centre-crop: timm's eval transform.
+    scale = max(height / image.height, width / image.width) / (crop_pct or 1.0)
     image = image.resize(
         (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC
     )
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     (input_spec,) = session.manifest["inputs"]
     batch, _, height, width = input_spec["shape"]
     batch = batch if isinstance(batch, int) else 1
-    pixels = load_pixels(Path(args.image), height, width)
+    crop_pct = ((spec or {}).get("resize") or {}).get("crop_pct")
+    pixels = load_pixels(Path(args.image), height, width, crop_pct)
     logits = session.run({input_spec["name"]: preprocess(pixels, spec, batch)})[session.output_names[0]][0]
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()

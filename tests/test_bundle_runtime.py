@@ -210,3 +210,16 @@ def test_classify_app_decodes_an_image_file(tiny_bundle, tmp_path, capsys):
     assert classify_app.main([str(tiny_bundle), str(tmp_path / "img.png")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 5 and all("class " in line for line in lines)
+
+
+def test_preprocessing_takes_mean_std_from_the_models_declaration():
+    import torch
+
+    from tome_export.bundle import preprocessing_for
+
+    model = torch.nn.Conv2d(3, 8, 4)
+    model.pretrained_cfg = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "crop_pct": 0.9}
+    spec = preprocessing_for(model, [(1, 3, 224, 224)])
+    assert spec["mean"] == [0.485, 0.456, 0.406] and spec["std"] == [0.229, 0.224, 0.225]
+    assert spec["size"] == [224, 224] and spec["resize"]["crop_pct"] == 0.9
+    assert preprocessing_for(model, [(1, 16, 128)]) is None  # not an image input
