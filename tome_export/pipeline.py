@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tome_export import __version__
-from tome_export.bundle import BundleWriter
+from tome_export.bundle import BundleWriter, preprocessing_for
 from tome_export.devices import get_device
 from tome_export.errors import UserError
 from tome_export.exporter.load import load_model
@@ -131,12 +131,13 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             {
                 "tome_export_version": __version__,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "source": {"model": options.model, "class": type(model).__name__},
+                "source": {"model": options.model, "class": type(model).__name__, "weights": options.weights},
                 "target": target.name,
                 "device": device.name,
                 "lowering": lowering,
                 "opset": options.opset,
                 "precision": "fp32",
+                "preprocessing": preprocessing_for(loaded.module, input_shapes),
                 "merge": _merge_manifest(model, method),
             }
         )
