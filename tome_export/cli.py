@@ -38,7 +38,7 @@ def main() -> None:
 
 @main.command("export")
 @click.argument("model")
-@click.option("--target", default="onnx", show_default=True, help="onnx (more with extras).")
+@click.option("--target", default=None, help="onnx | trt | coreml (default: the device's, else onnx).")
 @click.option("--method", default="tome", show_default=True, help="Merging method; 'none' exports unmerged.")
 @click.option("--r", "r", type=int, default=None, help="Tokens merged per block (default 16; 0 = unmerged).")
 @click.option("--schedule", default=None, help="Per-layer r list '16,16,8' or 'linear:R:INFLECTION'.")
@@ -115,7 +115,7 @@ def devices_command(as_json: bool) -> None:
         click.echo(json.dumps([p.to_dict() for p in table.values()], indent=2))
         return
     for p in table.values():
-        click.echo(f"{p.name:<20} {p.default_target:<7} {p.precision:<5} {p.lowering:<8} {p.description}")
+        click.echo(f"{p.name:<18} {p.default_target:<7} {p.precision:<5} {p.lowering:<8} {p.description}")
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ DEFAULT_R = 16
 @dataclass
 class ExportOptions:
     model: str
-    target: str = "onnx"
+    target: str | None = None  # None: the device profile's default target
     method: str = "tome"
     r: int | None = None
     schedule: str | None = None
@@ -101,8 +101,8 @@ def _merge_manifest(model: nn.Module, method: str) -> dict:
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
     """Run the whole export; returns (bundle path, manifest). Raises UserError on bad input."""
     progress = progress or Progress(quiet=True)
-    target = get_target(options.target)
     device = get_device(options.device or "cpu")
+    target = get_target(options.target or device.default_target)
     lowering = options.lowering or (device.lowering if device.lowering in target.lowerings else target.default_lowering)
     get_lowering(lowering)
     if lowering not in target.lowerings:
@@ -136,7 +136,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
                 "device": device.name,
                 "lowering": lowering,
                 "opset": options.opset,
-                "precision": "fp32",
+                "precision": device.precision if target.name != "onnx" else "fp32",
                 "merge": _merge_manifest(model, method),
             }
         )
