@@ -45,6 +45,9 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
+    trt_check: bool = True  # --target trt: TensorRT-readiness check
+    chunk_mb: float | None = None  # --target coreml: weights per chunk (default: the device's limit)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
@@ -104,7 +107,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     device = get_device(options.device or "cpu")
     target = get_target(options.target or device.default_target)
     lowering = options.lowering or (device.lowering if device.lowering in target.lowerings else target.default_lowering)
-    get_lowering(lowering)
+    if target.uses_onnx_lowering:
+        get_lowering(lowering)
     if lowering not in target.lowerings:
         raise UserError(
             f"target {target.name!r} cannot run lowering {lowering!r}; use one of {', '.join(target.lowerings)}"

@@ -24,7 +24,8 @@ def _ranks_descending(values: torch.Tensor) -> torch.Tensor:
     vi, vj = values[..., :, None], values[..., None, :]
     index = torch.arange(count, device=values.device)
     earlier = index[None, :] < index[:, None]  # [i, j]: j comes before i
-    beats = (vj > vi) | ((vj == vi) & earlier)
+    # logical_* rather than |/&: coremltools converts those, not aten.bitwise_*.
+    beats = torch.logical_or(vj > vi, torch.logical_and(vj == vi, earlier))
     return beats.to(torch.int64).sum(-1)
 
 
@@ -44,13 +45,13 @@ def merge_tokens_dense(
     scores = a @ b.transpose(-1, -2)
     node_max, node_idx = scores.max(dim=-1)
     is_src = _ranks_descending(node_max) < r  # (B, Na)
-    is_kept = ~is_src
+    is_kept = torch.logical_not(is_src)
     # Output position among kept A tokens: ascending original order, like the eager sort.
     kept_pos = torch.cumsum(is_kept.to(torch.int64), dim=-1) - 1
     out_rows = torch.arange(kept, device=x.device)
-    keep_onehot = (is_kept[:, None, :] & (kept_pos[:, None, :] == out_rows[None, :, None])).to(x.dtype)
+    keep_onehot = torch.logical_and(is_kept[:, None, :], kept_pos[:, None, :] == out_rows[None, :, None]).to(x.dtype)
     dst_rows = torch.arange(num_b, device=x.device)
-    dst_onehot = (is_src[:, None, :] & (node_idx[:, None, :] == dst_rows[None, :, None])).to(x.dtype)
+    dst_onehot = torch.logical_and(is_src[:, None, :], node_idx[:, None, :] == dst_rows[None, :, None]).to(x.dtype)
 
     z = torch.cat([x[:, p:] * size[:, p:], size[:, p:]], dim=-1)
     za, zb = z[:, 0::2], z[:, 1::2]
