@@ -201,11 +201,7 @@ def check_trt_readiness(
                 add(Finding("error", name, op, "TensorRT supports only sorted=1", "export TopK with sorted=1"))
             k = constants.get(node.input[1]) if len(node.input) > 1 else None
             if k is None:
-                add(
-                    Finding(
-                        "error", name, op, "K is not a build-time constant", "export with static shapes (fixed K)"
-                    )
-                )
+                add(Finding("error", name, op, "K is not a build-time constant", "export with static shapes (fixed K)"))
             elif int(np.asarray(k).reshape(-1)[0]) >= TOPK_MAX_K:
                 add(
                     Finding(

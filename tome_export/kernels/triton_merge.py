@@ -65,7 +65,9 @@ def bipartite_merge_kernel(
         a_sq = tl.zeros([BLOCK_T], tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             d_ok = d0 + cols < dim
-            va = tl.load(metric + a_tok[:, None] * dim + d0 + cols[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+            va = tl.load(
+                metric + a_tok[:, None] * dim + d0 + cols[None, :], mask=a_ok[:, None] & d_ok[None, :], other=0.0
+            )
             a_sq += tl.sum(va * va, axis=1)
         for b0 in range(0, num_b, BLOCK_T):
             ib = b0 + rows

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -254,9 +253,7 @@ def split_into_chunks(
             part, running = part + 1, 0
         running += new_bytes
         part_of[node.name] = part
-    split = split_module(
-        graph_module, graph_module, lambda node: part_of.get(node.name, 0), keep_original_order=True
-    )
+    split = split_module(graph_module, graph_module, lambda node: part_of.get(node.name, 0), keep_original_order=True)
     names = sorted((n for n, _ in split.named_children() if n.startswith("submod_")), key=lambda n: int(n[7:]))
     captured: dict[str, tuple] = {}
     hooks = [
@@ -268,7 +265,10 @@ def split_into_chunks(
         whole_out = graph_module(*example_inputs)
     for hook in hooks:
         hook.remove()
-    first = (lambda v: v[0] if isinstance(v, (tuple, list)) else v)
+
+    def first(v):
+        return v[0] if isinstance(v, (tuple, list)) else v
+
     split_err = float((first(split_out) - first(whole_out)).abs().max())
     chunks = []
     for name in names:
@@ -344,7 +344,9 @@ def build_coreml(ctx: ExportContext) -> None:
     with ctx.progress.step("torch.export with the merge lowered to dense ops (no scatter)"):
         program = export_dense(ctx.model, inputs)
     if ctx.options.verify:
-        with ctx.progress.step(f"verifying the dense program on ONNX Runtime against eager ({ctx.options.seeds} seeds)"):
+        with ctx.progress.step(
+            f"verifying the dense program on ONNX Runtime against eager ({ctx.options.seeds} seeds)"
+        ):
             result = _onnx_check(ctx)
         ctx.progress.say(result.summary())
         ctx.manifest["verification"] = result.to_dict()

@@ -71,7 +71,12 @@ def write_build_scripts(ctx: ExportContext, onnx_name: str, plugin_nodes: int) -
         shutil.copyfile(HERE / "trt_plugin.py", bundle / "tome_merge_plugin.py")
         shutil.copyfile(HERE.parent / "kernels" / "triton_merge.py", bundle / "triton_merge.py")
         written += ["tome_merge_plugin.py", "triton_merge.py"]
-    lines = ["#!/bin/sh", "# Build the TensorRT engine on the machine that will run it.", "set -e", 'cd "$(dirname "$0")"']
+    lines = [
+        "#!/bin/sh",
+        "# Build the TensorRT engine on the machine that will run it.",
+        "set -e",
+        'cd "$(dirname "$0")"',
+    ]
     if not plugin_nodes:
         lines.append(shlex.join(trtexec_command(ctx, onnx_name, "model.plan")))
     else:
