@@ -23,6 +23,7 @@ from torch import nn
 
 from tome_export.errors import BackendMissing, UserError, VerificationError
 from tome_export.targets import ExportContext, Target, register_target
+from tome_export.targets.common import pinning_options
 
 # MIL ops that the Neural Engine commonly does not run (Core ML then splits the model and
 # runs them on CPU/GPU, with copies in between). From Apple's and coremltools' guidance on
@@ -331,6 +332,7 @@ def _onnx_check(ctx: ExportContext) -> dict:
         atol=ctx.options.atol,
         on_seed=ctx.progress.tick,
         runtime="onnxruntime (dense-lowered program, stand-in for Core ML)",
+        **pinning_options(ctx),
     )
     return result
 

@@ -20,6 +20,7 @@ import onnx
 
 from tome_export.errors import BackendMissing, UserError, VerificationError
 from tome_export.targets import ExportContext, Target, register_target
+from tome_export.targets.common import pinning_options
 
 PLUGIN_DOMAIN, PLUGIN_OP = "tome_export", "BipartiteMerge"
 DEFAULT_TRT_VERSION = "10.8"
@@ -112,6 +113,7 @@ def _verify(ctx: ExportContext, exported, plugin_nodes: int):
             atol=ctx.options.atol,
             on_seed=ctx.progress.tick,
             runtime=runtime,
+            **pinning_options(ctx),
         )
     ctx.progress.say(result.summary())
     return result
