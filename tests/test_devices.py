@@ -82,3 +82,38 @@ def test_onnx_on_nvidia_without_cuda_provider_exits_3(cli, tmp_path):
     assert done.returncode == 3, done.stderr
     assert "pip install 'tome-export[gpu]'" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_missing_coremltools_exits_3_without_traceback(tmp_path):
+    """coremltools made unimportable in a subprocess: one line naming the extra, exit 3."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "b"
+    code = (
+        "import sys; sys.modules['coremltools'] = None\n"
+        "from tome_export.cli import run\n"
+        f"sys.exit(run(['samples.reference_vit:vit_tiny_test', '--r', '4', '--input-shape', '1,3,64,64', "
+        f"'--device', 'apple-a17-pro', '-o', {str(out)!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "pip install 'tome-export[coreml]'" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists()
+
+
+def test_memory_budget_is_enforced():
+    import types
+
+    from samples.reference_vit import vit_tiny_test
+    from tome_export.targets.common import check_memory_budget
+
+    model = vit_tiny_test()
+    tiny = types.SimpleNamespace(
+        name="tiny", precision="fp16", memory_budget_mb=0.1, get=lambda key, default=None: default
+    )
+    with pytest.raises(UserError, match="memory budget"):
+        check_memory_budget(types.SimpleNamespace(device=tiny, model=model))
+    assert check_memory_budget(types.SimpleNamespace(device=get_device("jetson-orin-nano"), model=model)) > 0

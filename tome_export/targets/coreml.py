@@ -14,7 +14,6 @@ Checks done here, without macOS:
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from tome_export.errors import BackendMissing, UserError, VerificationError
 from tome_export.targets import ExportContext, Target, register_target
-from tome_export.targets.common import pinning_options
+from tome_export.targets.common import check_memory_budget, pinning_options
 
 # MIL ops that the Neural Engine commonly does not run (Core ML then splits the model and
 # runs them on CPU/GPU, with copies in between). From Apple's and coremltools' guidance on
@@ -58,7 +57,11 @@ NON_FP_DTYPES = ("int", "bool")
 
 
 def coremltools_available() -> bool:
-    return importlib.util.find_spec("coremltools") is not None
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _require_coremltools():
@@ -342,6 +345,7 @@ def build_coreml(ctx: ExportContext) -> None:
 
     _require_coremltools()
     device = ctx.device
+    check_memory_budget(ctx)
     inputs = ctx.example_inputs()
     with ctx.progress.step("torch.export with the merge lowered to dense ops (no scatter)"):
         program = export_dense(ctx.model, inputs)

@@ -20,7 +20,7 @@ import onnx
 
 from tome_export.errors import BackendMissing, UserError, VerificationError
 from tome_export.targets import ExportContext, Target, register_target
-from tome_export.targets.common import pinning_options
+from tome_export.targets.common import check_memory_budget, pinning_options
 
 PLUGIN_DOMAIN, PLUGIN_OP = "tome_export", "BipartiteMerge"
 DEFAULT_TRT_VERSION = "10.8"
@@ -28,7 +28,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+    """True when TensorRT's Python API imports (PyPI's ``tensorrt`` can be a stub that fails)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def mark_plugin_nodes(model: onnx.ModelProto) -> int:
@@ -125,6 +132,7 @@ def build_tensorrt(ctx: ExportContext) -> None:
     from tome_export.targets.onnx import _io_spec, save_onnx
 
     device = ctx.device
+    check_memory_budget(ctx)
     build_engine = getattr(ctx.options, "build_engine", False)
     on_device = bool(device.get("engine_built_on_device", False))
     if build_engine and on_device:
