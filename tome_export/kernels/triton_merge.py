@@ -16,9 +16,13 @@ Runs under ``TRITON_INTERPRET=1`` on CPU tensors (that is how CI tests it) and o
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:  # torch only for the launcher: the bundled kernel needs Triton alone
+    import torch
 
 BLOCK_TOKENS = 32
 BLOCK_DIM = 32
@@ -188,6 +192,8 @@ def merge_tokens_triton(
     metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused kernel: same contract as ``bipartite.merge_tokens`` (fp32)."""
+    import torch
+
     batch, num_tokens, channels = x.shape
     dim = metric.shape[-1]
     metric, x, size = (t.contiguous().float() for t in (metric, x, size))

@@ -11,7 +11,9 @@ build without tome-export installed. The registration is NOT verified here (no T
 ``compile_merge_kernel`` is (PTX for sm_80/87/90 on a CPU machine).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: tensorrt.plugin reads the annotations of the
+# decorated functions at runtime (number of outputs, attribute types), as in NVIDIA's samples.
+from typing import List, Tuple  # noqa: UP035  (typing forms as the tensorrt.plugin docs use)
 
 try:
     from tome_export.kernels.triton_merge import BLOCK_DIM, BLOCK_TOKENS, bipartite_merge_kernel
@@ -69,7 +71,7 @@ def register_merge_plugin() -> None:
     @trtp.register(PLUGIN_ID)
     def merge_desc(
         metric: trtp.TensorDesc, x: trtp.TensorDesc, size: trtp.TensorDesc, r: int, protected: int, mode: str
-    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:  # noqa: UP006
         x_out = x.like()
         x_out.shape_expr[1] = x.shape_expr[1] - r
         size_out = size.like()
@@ -78,7 +80,7 @@ def register_merge_plugin() -> None:
         return x_out, size_out, slot
 
     @trtp.autotune(PLUGIN_ID)
-    def merge_autotune(metric, x, size, outputs) -> list[trtp.AutoTuneCombination]:
+    def merge_autotune(metric, x, size, outputs) -> List[trtp.AutoTuneCombination]:  # noqa: UP006
         # fp32 in and out: merge decisions are discrete, fp16 scores flip near-ties.
         return [trtp.AutoTuneCombination("FP32, FP32, FP32, FP32, FP32, INT64")]
 
