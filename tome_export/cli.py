@@ -38,7 +38,7 @@ def main() -> None:
 
 @main.command("export")
 @click.argument("model")
-@click.option("--target", default="onnx", show_default=True, help="onnx (more with extras).")
+@click.option("--target", default=None, help="onnx | trt | coreml (default: the device's, else onnx).")
 @click.option("--method", default="tome", show_default=True, help="Merging method; 'none' exports unmerged.")
 @click.option("--r", "r", type=int, default=None, help="Tokens merged per block (default 16; 0 = unmerged).")
 @click.option("--schedule", default=None, help="Per-layer r list '16,16,8' or 'linear:R:INFLECTION'.")
@@ -53,6 +53,9 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
+@click.option("--build-engine", is_flag=True, help="--target trt: require a TensorRT engine (exit 3 without TensorRT).")
+@click.option("--no-trt-check", is_flag=True, help="--target trt: skip the TensorRT-readiness check.")
+@click.option("--chunk-mb", type=float, default=None, help="--target coreml: max weights per model chunk (MB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -72,6 +75,9 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    build_engine,
+    no_trt_check,
+    chunk_mb,
     as_json,
     quiet,
 ) -> None:
@@ -96,6 +102,9 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        build_engine=build_engine,
+        trt_check=not no_trt_check,
+        chunk_mb=chunk_mb,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)
@@ -115,7 +124,7 @@ def devices_command(as_json: bool) -> None:
         click.echo(json.dumps([p.to_dict() for p in table.values()], indent=2))
         return
     for p in table.values():
-        click.echo(f"{p.name:<20} {p.default_target:<7} {p.precision:<5} {p.lowering:<8} {p.description}")
+        click.echo(f"{p.name:<18} {p.default_target:<7} {p.precision:<5} {p.lowering:<8} {p.description}")
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:

@@ -30,7 +30,7 @@ DEFAULT_R = 16
 @dataclass
 class ExportOptions:
     model: str
-    target: str = "onnx"
+    target: str | None = None  # None: the device profile's default target
     method: str = "tome"
     r: int | None = None
     schedule: str | None = None
@@ -45,6 +45,9 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
+    trt_check: bool = True  # --target trt: TensorRT-readiness check
+    chunk_mb: float | None = None  # --target coreml: weights per chunk (default: the device's limit)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
@@ -101,10 +104,11 @@ def _merge_manifest(model: nn.Module, method: str) -> dict:
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
     """Run the whole export; returns (bundle path, manifest). Raises UserError on bad input."""
     progress = progress or Progress(quiet=True)
-    target = get_target(options.target)
     device = get_device(options.device or "cpu")
+    target = get_target(options.target or device.default_target)
     lowering = options.lowering or (device.lowering if device.lowering in target.lowerings else target.default_lowering)
-    get_lowering(lowering)
+    if target.uses_onnx_lowering:
+        get_lowering(lowering)
     if lowering not in target.lowerings:
         raise UserError(
             f"target {target.name!r} cannot run lowering {lowering!r}; use one of {', '.join(target.lowerings)}"
@@ -136,7 +140,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
                 "device": device.name,
                 "lowering": lowering,
                 "opset": options.opset,
-                "precision": "fp32",
+                "precision": device.precision if target.name != "onnx" else "fp32",
                 "preprocessing": preprocessing_for(loaded.module, input_shapes),
                 "merge": _merge_manifest(model, method),
             }

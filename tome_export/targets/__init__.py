@@ -49,6 +49,7 @@ class Target:
     default_lowering: str
     lowerings: tuple[str, ...]
     build: Callable[[ExportContext], None]
+    uses_onnx_lowering: bool = True  # False: the target lowers merges itself (Core ML: dense torch ops)
 
 
 TARGETS: dict[str, Target] = {}
@@ -66,7 +67,7 @@ def get_target(name: str) -> Target:
 
 
 def _register_builtin_targets() -> None:
-    from tome_export.targets import onnx  # noqa: F401
+    from tome_export.targets import coreml, onnx, tensorrt  # noqa: F401
 
 
 _register_builtin_targets()
