@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from tome_export.exporter import aten_fixes
+from tome_export.exporter import aten_fixes, tomesd_lowering  # noqa: F401  (tomesd translations)
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.merging import merge_state
 from tome_export.merging.ops import merge_op_overloads
