@@ -53,6 +53,10 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
+@click.option("--ratio", type=float, default=None, help="tomesd: fraction of tokens merged (default 0.5).")
+@click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
+@click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
+@click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -72,6 +76,10 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    ratio,
+    sx,
+    sy,
+    max_downsample,
     as_json,
     quiet,
 ) -> None:
@@ -96,6 +104,10 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        ratio=ratio,
+        sx=sx,
+        sy=sy,
+        max_downsample=max_downsample,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)

@@ -21,8 +21,7 @@ OP_NAME = "tome_export::tomesd_merge"
 
 def _geometry(x, h: int, w: int, sx: int, sy: int, r: int, seed: int) -> dict:
     batch, num_tokens, channels = (int(d) for d in x.shape)
-    a_idx, b_idx = partition(h, w, sx, sy, seed)
-    a_list, b_list = a_idx.tolist(), b_idx.tolist()
+    a_list, b_list = (list(t) for t in partition(h, w, sx, sy, seed))
     order = a_list + b_list
     inverse = [0] * num_tokens
     for position, token in enumerate(order):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -32,24 +33,21 @@ from tome_export.merging.bipartite import unmerge
 # -- the partition and the merge as pure functions ------------------------------------
 
 
-def partition(h: int, w: int, sx: int, sy: int, seed: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source token indices, destination token indices), each ascending, int64.
+@functools.lru_cache(maxsize=64)
+def partition(h: int, w: int, sx: int, sy: int, seed: int = -1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(source token indices, destination token indices), each ascending.
 
     One destination per full sx×sy cell: its top-left token when ``seed`` < 0, else a
-    token drawn with ``torch.Generator().manual_seed(seed)``. Tokens outside the full
-    cells (h or w not divisible) are sources."""
-    cells_y, cells_x = h // sy, w // sx
-    if seed < 0:
-        offset = torch.zeros(cells_y, cells_x, dtype=torch.int64)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        offset = torch.randint(sy * sx, (cells_y, cells_x), generator=generator)
-    cy, cx = torch.meshgrid(torch.arange(cells_y), torch.arange(cells_x), indexing="ij")
-    row, col = cy * sy + offset // sx, cx * sx + offset % sx
-    is_dst = torch.zeros(h * w, dtype=torch.bool)
-    is_dst[(row * w + col).flatten()] = True
-    tokens = torch.arange(h * w)
-    return tokens[~is_dst], tokens[is_dst]
+    token drawn with ``random.Random(seed)``. Tokens outside the full cells (h or w not
+    divisible) are sources. Plain Python: the partition is a constant of the graph."""
+    rng = random.Random(seed) if seed >= 0 else None
+    destinations = set()
+    for cy in range(h // sy):
+        for cx in range(w // sx):
+            offset = rng.randrange(sx * sy) if rng else 0
+            destinations.add((cy * sy + offset // sx) * w + cx * sx + offset % sx)
+    sources = tuple(t for t in range(h * w) if t not in destinations)
+    return sources, tuple(sorted(destinations))
 
 
 def max_ratio(sx: int, sy: int) -> float:
@@ -66,7 +64,7 @@ def merge_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``x`` (B, N, C) by similarity of ``metric`` (B, N, D): (merged, slot)."""
     batch, num_tokens, channels = x.shape
-    a_idx, b_idx = (t.to(x.device) for t in partition(h, w, sx, sy, seed))
+    a_idx, b_idx = (torch.tensor(t, dtype=torch.int64, device=x.device) for t in partition(h, w, sx, sy, seed))
     num_a, num_b = a_idx.numel(), b_idx.numel()
     kept = num_a - r
     with torch.no_grad():
@@ -211,7 +209,7 @@ def _block_pre_hook(block: nn.Module, args, kwargs):
     if h * w != num_tokens:
         return  # not a latent grid we can map tokens onto
     seed = state.seed + 1_000_003 * state.calls + block._tome_layer if state.use_rand else -1
-    num_src = partition(h, w, state.sx, state.sy, seed)[0].numel()
+    num_src = len(partition(h, w, state.sx, state.sy, seed)[0])
     r = tokens_merged(num_tokens, state.ratio, num_src)
     state.tokens_per_layer.append(num_tokens)
     state.r_per_layer.append(r)
@@ -227,7 +225,9 @@ def _merge_pre_hook(block: nn.Module, sub: nn.Module, args, kwargs):
     if kwargs.get("attention_mask") is not None:
         raise UserError("tomesd cannot merge tokens of an attention with a token mask")
     state: TomesdState = block._tome_state
-    merged, slot = torch.ops.tome_export.tomesd_merge(plan.metric, x, plan.h, plan.w, state.sx, state.sy, plan.r, plan.seed)
+    merged, slot = torch.ops.tome_export.tomesd_merge(
+        plan.metric, x, plan.h, plan.w, state.sx, state.sy, plan.r, plan.seed
+    )
     if plan.slot is None:  # later merges in the block repeat the same decision
         plan.slot = slot
         state.slots.append(slot)
