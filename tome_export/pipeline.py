@@ -21,6 +21,7 @@ from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.inputs import default_input_shapes, make_inputs
 from tome_export.merging import METHODS, apply, merge_state
+from tome_export.merging.tomesd import check_tomesd_options
 from tome_export.merging import schedule as schedules
 from tome_export.progress import Progress
 from tome_export.targets import ExportContext, get_target
@@ -76,6 +77,7 @@ def _tomesd_options(options: ExportOptions) -> tuple[str, dict]:
     if options.r is not None or options.schedule:
         raise UserError("method 'tomesd' takes --ratio (fraction of tokens merged), not --r/--schedule")
     ratio = 0.5 if options.ratio is None else options.ratio
+    check_tomesd_options(ratio, options.sx, options.sy, options.max_downsample)  # before loading the model
     opts = {"ratio": ratio, "sx": options.sx, "sy": options.sy, "max_downsample": options.max_downsample}
     return "tomesd", opts
 

@@ -243,6 +243,18 @@ def _unmerge_hook(sub: nn.Module, args, kwargs, output):
     return unmerge(output, slot)
 
 
+def check_tomesd_options(ratio: float, sx: int, sy: int, max_downsample: int) -> None:
+    """UserError unless 1 ≤ sx, sy; 0 ≤ ratio ≤ 1 − 1/(sx·sy); max_downsample ≥ 1."""
+    if sx < 1 or sy < 1:
+        raise UserError(f"tomesd strides must be ≥ 1, got sx={sx} sy={sy}")
+    if not 0.0 <= ratio <= max_ratio(sx, sy):
+        raise UserError(
+            f"tomesd ratio {ratio} outside [0, {max_ratio(sx, sy):g}] (the maximum is 1 - 1/(sx·sy) for sx={sx} sy={sy})"
+        )
+    if max_downsample < 1:
+        raise UserError(f"tomesd max_downsample must be ≥ 1, got {max_downsample}")
+
+
 def apply_tomesd(
     model: nn.Module,
     ratio: float = 0.5,
@@ -256,12 +268,7 @@ def apply_tomesd(
     seed: int = 0,
 ) -> nn.Module:
     """Patch every diffusers ``BasicTransformerBlock`` of ``model`` in place (tomesd-style)."""
-    if sx < 1 or sy < 1:
-        raise UserError(f"tomesd strides must be ≥ 1, got sx={sx} sy={sy}")
-    if not 0.0 <= ratio <= max_ratio(sx, sy):
-        raise UserError(f"tomesd ratio {ratio} outside [0, {max_ratio(sx, sy):g}] (1 - 1/(sx·sy) for sx={sx} sy={sy})")
-    if max_downsample < 1:
-        raise UserError(f"tomesd max_downsample must be ≥ 1, got {max_downsample}")
+    check_tomesd_options(ratio, sx, sy, max_downsample)
     blocks = [m for m in model.modules() if _is_basic_transformer_block(m)]
     if not blocks:
         raise UserError(
