@@ -21,8 +21,8 @@ from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.inputs import default_input_shapes, make_inputs
 from tome_export.merging import METHODS, apply, merge_state
-from tome_export.merging.tomesd import check_tomesd_options
 from tome_export.merging import schedule as schedules
+from tome_export.merging.tomesd import check_tomesd_options
 from tome_export.progress import Progress
 from tome_export.targets import ExportContext, get_target
 
