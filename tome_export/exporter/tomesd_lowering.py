@@ -79,7 +79,7 @@ def _batch_rows(index, batch: int, count: int):
 
 def tomesd_merge_scatter(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed: int):
     g = _geometry(x, h, w, sx, sy, r, seed)
-    batch, channels, kept, num_a, num_b = g["batch"], g["channels"], g["kept"], g["num_a"], g["num_b"]
+    batch, kept, num_a, num_b = g["batch"], g["kept"], g["num_a"], g["num_b"]
     src_idx, unm_idx, dst_idx = _match(metric, g, r)
     xa = op.Gather(x, g["a_idx"], axis=1)
     xb = op.Gather(x, g["b_idx"], axis=1)
