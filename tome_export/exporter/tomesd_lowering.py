@@ -3,8 +3,10 @@
 The source/destination partition is fixed at export time, so it is computed here in
 Python (the same ``partition`` the eager op uses) and embedded as constant indices.
 
-- ``scatter``: Gather the partition, TopK matching, GatherElements + ScatterElements(add)
-  of the values and of a count per destination, then divide.
+- ``scatter``: Gather the partition, TopK matching, then whole token rows moved with
+  GatherND(batch_dims=1) and ScatterND(reduction="add") for the values and for a count per
+  destination, then divide. (ScatterND with a reduction is ONNX Runtime's fast path; it
+  is not for TensorRT — the ``dense`` lowering is.)
 - ``dense`` (registered when that lowering exists): the same matching, then one-hot
   assignment matrices and MatMul — no Scatter, no GatherElements. O(N²·C).
 """
@@ -38,8 +40,11 @@ def _geometry(x, h: int, w: int, sx: int, sy: int, r: int, seed: int) -> dict:
     )
 
 
-def _match(metric, g: dict, r: int):
-    """(src_idx, unm_idx, dst_idx) as ``merge_tokens`` computes them, ties included."""
+def _match(metric, g: dict, r: int, one_hot_dst: bool = False):
+    """(src_idx, unm_idx, dst_idx) as ``merge_tokens`` computes them, ties included.
+
+    ``one_hot_dst`` picks each source's destination with a one-hot MatMul instead of
+    GatherElements (for the dense lowering)."""
     normed = op.Div(metric, op.ReduceL2(metric, ints(-1), keepdims=1))
     a = op.Gather(normed, g["a_idx"], axis=1)
     b = op.Gather(normed, g["b_idx"], axis=1)
@@ -51,7 +56,12 @@ def _match(metric, g: dict, r: int):
     unm_idx = None
     if g["kept"] > 0:
         unm_idx, _ = op.TopK(take(edge_idx, r), ints(g["kept"]), axis=-1, largest=0, sorted=1)
-    dst_idx = op.GatherElements(node_idx, src_idx, axis=1)
+    if one_hot_dst:
+        # Indices < 2^24 survive the float MatMul exactly.
+        picked = op.MatMul(_one_hot(src_idx, g["num_a"], metric), op.Unsqueeze(op.CastLike(node_idx, metric), ints(2)))
+        dst_idx = op.Cast(op.Squeeze(picked, ints(2)), to=7)  # INT64
+    else:
+        dst_idx = op.GatherElements(node_idx, src_idx, axis=1)
     return src_idx, unm_idx, dst_idx
 
 
@@ -113,7 +123,7 @@ def _one_hot(index, depth: int, like):
 def tomesd_merge_dense(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed: int):
     g = _geometry(x, h, w, sx, sy, r, seed)
     kept, num_a, num_b = g["kept"], g["num_a"], g["num_b"]
-    src_idx, unm_idx, dst_idx = _match(metric, g, r)
+    src_idx, unm_idx, dst_idx = _match(metric, g, r, one_hot_dst=True)
     xa = op.Gather(x, g["a_idx"], axis=1)
     xb = op.Gather(x, g["b_idx"], axis=1)
     src_hot = _one_hot(src_idx, num_a, x)  # (B, r, Na)
