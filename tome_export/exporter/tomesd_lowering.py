@@ -45,11 +45,11 @@ def _match(metric, g: dict, r: int, one_hot_dst: bool = False):
 
     ``one_hot_dst`` picks each source's destination with a one-hot MatMul instead of
     GatherElements (for the dense lowering)."""
-    normed = op.Div(metric, op.ReduceL2(metric, ints(-1), keepdims=1))
-    a = op.Gather(normed, g["a_idx"], axis=1)
-    b = op.Gather(normed, g["b_idx"], axis=1)
+    a = op.Gather(metric, g["a_idx"], axis=1)
+    b = op.Gather(metric, g["b_idx"], axis=1)
+    b = op.Div(b, op.ReduceL2(b, ints(-1), keepdims=1))
     scores = op.MatMul(a, op.Transpose(b, perm=[0, 2, 1]))
-    node_max = op.ReduceMax(scores, ints(-1), keepdims=0)
+    node_max = op.Div(op.ReduceMax(scores, ints(-1), keepdims=0), op.ReduceL2(a, ints(-1), keepdims=0))
     node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
     _, edge_idx = op.TopK(node_max, ints(g["num_a"]), axis=-1, largest=1, sorted=1)
     src_idx = take(edge_idx, 0, r)

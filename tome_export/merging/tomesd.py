@@ -68,9 +68,12 @@ def merge_tokens(
     num_a, num_b = a_idx.numel(), b_idx.numel()
     kept = num_a - r
     with torch.no_grad():
-        normed = metric / metric.norm(dim=-1, keepdim=True)
-        scores = normed[:, a_idx] @ normed[:, b_idx].transpose(-1, -2)
-        node_max, node_idx = scores.max(dim=-1)
+        # Cosine similarity, normalising only the (fewer) destinations before the MatMul:
+        # a source's norm scales its whole row, so it changes no argmax — divide after.
+        metric_a, metric_b = metric[:, a_idx], metric[:, b_idx]
+        scores = metric_a @ (metric_b / metric_b.norm(dim=-1, keepdim=True)).transpose(-1, -2)
+        row_max, node_idx = scores.max(dim=-1)
+        node_max = row_max / metric_a.norm(dim=-1)
         # Stable descending sort = TopK's tie-break (lower index first), as in bipartite.match.
         edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
         src_idx = edge_idx[:, :r]
