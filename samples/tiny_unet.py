@@ -6,6 +6,7 @@ encoder_hidden_states)`` positionally and returns the predicted noise tensor (no
 the timestep is an int64 in [0, 1000), as a scheduler would pass it.
 
     tome-export samples.tiny_unet:tiny_unet --method tomesd --ratio 0.5
+    tome-export samples.tiny_unet:tiny_unet_pypi_tomesd --method none
 """
 
 from __future__ import annotations
@@ -57,3 +58,16 @@ class UNetNoise(nn.Module):
 
 def tiny_unet() -> nn.Module:
     return UNetNoise(raw_tiny_unet()).eval()
+
+
+def tiny_unet_pypi_tomesd() -> nn.Module:
+    """The tiny UNet patched by tomesd from PyPI (someone else's merge code).
+
+    ``use_rand=False``: tomesd's random destinations change on every call, so no fixed
+    graph reproduces them. Export with ``--method none`` (the merging is already there);
+    the tracer rewrites tomesd's ``scatter_reduce(mean)`` and unstable argsorts."""
+    import tomesd
+
+    unet = raw_tiny_unet()
+    tomesd.apply_patch(unet, ratio=0.5, use_rand=False)
+    return UNetNoise(unet).eval()
