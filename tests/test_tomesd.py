@@ -138,3 +138,21 @@ def test_tiny_unet_exports_and_verifies(tmp_path):
     assert check["passed"] and check["max_abs_err"] <= 1e-4
     assert check["decision_agreement"] == [1.0, 1.0, 1.0]
     assert json.loads((path / "manifest.json").read_text())["merge"]["ratio"] == 0.5
+
+
+def test_several_inputs_integer_and_0dim_timestep():
+    from samples.tiny_unet import tiny_unet
+    from tome_export.inputs import make_inputs
+    from tome_export.pipeline import parse_input_shape
+
+    shapes = parse_input_shape("2,4,16,16;scalar;2,8,32")
+    assert shapes == [(2, 4, 16, 16), (), (2, 8, 32)]
+    model = tiny_unet()
+    sample, timestep, text = make_inputs(model, shapes, seed=1)
+    assert timestep.shape == () and timestep.dtype == torch.int64 and 0 <= int(timestep) < 1000
+    assert sample.dtype == text.dtype == torch.float32
+    assert torch.equal(make_inputs(model, shapes, seed=1)[1], timestep)  # seeded
+    tome_export.apply(model, method="tomesd", ratio=0.5)
+    with torch.no_grad():
+        assert model(sample, timestep, text).shape == (2, 4, 16, 16)
+    assert [s.shape for s in merge_state(model).slots] == [(2, 256)] * 3
