@@ -149,22 +149,25 @@ def _graphs(program: torch.export.ExportedProgram) -> list[fx.GraphModule]:
 
 
 def rewrite_program(program: torch.export.ExportedProgram) -> list[dict]:
-    """Rewrite ``program`` in place; returns one record per rewritten node."""
-    rewrites = []
-    for module in _graphs(program):
-        changed = False
-        for node in list(module.graph.nodes):
-            rewriter = REWRITERS.get(node.target) if node.op == "call_function" else None
-            if rewriter is None:
-                continue
-            name = node.name
-            record = rewriter(module.graph, node)
-            if record is not None:
-                rewrites.append({"pass": "tracer", "node": name, **record})
-                changed = True
-        if changed:
-            module.graph.lint()
-            module.recompile()
+    """Rewrite ``program`` in place; returns one record per rewritten node.
+
+    One rewriter after another (registration order: merge arithmetic first, then sorts),
+    each over every graph, so the records come grouped by kind."""
+    rewrites, changed = [], set()
+    modules = _graphs(program)
+    for rewriter in dict.fromkeys(REWRITERS.values()):
+        for module in modules:
+            for node in list(module.graph.nodes):
+                if node.op != "call_function" or REWRITERS.get(node.target) is not rewriter:
+                    continue
+                name = node.name
+                record = rewriter(module.graph, node)
+                if record is not None:
+                    rewrites.append({"pass": "tracer", "node": name, **record})
+                    changed.add(module)
+    for module in changed:
+        module.graph.lint()
+        module.recompile()
     return rewrites
 
 
