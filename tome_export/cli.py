@@ -56,6 +56,10 @@ def main() -> None:
 @click.option("--build-engine", is_flag=True, help="--target trt: require a TensorRT engine (exit 3 without TensorRT).")
 @click.option("--no-trt-check", is_flag=True, help="--target trt: skip the TensorRT-readiness check.")
 @click.option("--chunk-mb", type=float, default=None, help="--target coreml: max weights per model chunk (MB).")
+@click.option("--ratio", type=float, default=None, help="tomesd: fraction of tokens merged (default 0.5).")
+@click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
+@click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
+@click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -78,6 +82,10 @@ def export_command(
     build_engine,
     no_trt_check,
     chunk_mb,
+    ratio,
+    sx,
+    sy,
+    max_downsample,
     as_json,
     quiet,
 ) -> None:
@@ -105,6 +113,10 @@ def export_command(
         build_engine=build_engine,
         trt_check=not no_trt_check,
         chunk_mb=chunk_mb,
+        ratio=ratio,
+        sx=sx,
+        sy=sy,
+        max_downsample=max_downsample,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)

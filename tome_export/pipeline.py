@@ -19,8 +19,10 @@ from tome_export.devices import get_device
 from tome_export.errors import UserError
 from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
+from tome_export.inputs import default_input_shapes, make_inputs
 from tome_export.merging import METHODS, apply, merge_state
 from tome_export.merging import schedule as schedules
+from tome_export.merging.tomesd import check_tomesd_options
 from tome_export.progress import Progress
 from tome_export.targets import ExportContext, get_target
 
@@ -48,12 +50,19 @@ class ExportOptions:
     build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
     trt_check: bool = True  # --target trt: TensorRT-readiness check
     chunk_mb: float | None = None  # --target coreml: weights per chunk (default: the device's limit)
+    ratio: float | None = None  # tomesd: fraction of tokens merged
+    sx: int = 2
+    sy: int = 2
+    max_downsample: int = 1
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
     """``1,3,224,224`` or several inputs separated by ``;``."""
     shapes = []
     for part in text.split(";"):
+        if part.strip() == "scalar":  # a 0-dim input, e.g. a diffusion timestep
+            shapes.append(())
+            continue
         try:
             dims = tuple(int(d) for d in part.strip().split(","))
         except ValueError:
@@ -67,9 +76,26 @@ def parse_input_shape(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _tomesd_options(options: ExportOptions) -> tuple[str, dict]:
+    if options.r is not None or options.schedule:
+        raise UserError("method 'tomesd' takes --ratio (fraction of tokens merged), not --r/--schedule")
+    ratio = 0.5 if options.ratio is None else options.ratio
+    check_tomesd_options(ratio, options.sx, options.sy, options.max_downsample)  # before loading the model
+    opts = {"ratio": ratio, "sx": options.sx, "sy": options.sy, "max_downsample": options.max_downsample}
+    return "tomesd", opts
+
+
+# Methods whose CLI options differ from ToMe's r/schedule.
+METHOD_OPTION_PARSERS = {"tomesd": _tomesd_options}
+
+
 def _method_options(options: ExportOptions) -> tuple[str, dict]:
     if options.method not in METHODS:
         raise UserError(f"unknown method {options.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    if options.method in METHOD_OPTION_PARSERS:
+        return METHOD_OPTION_PARSERS[options.method](options)
+    if options.ratio is not None:
+        raise UserError(f"--ratio applies to method 'tomesd', not {options.method!r}")
     if options.method != "tome":
         if options.r is not None or options.schedule:
             raise UserError(f"--r/--schedule apply to method 'tome', not {options.method!r}")
@@ -89,6 +115,8 @@ def _method_options(options: ExportOptions) -> tuple[str, dict]:
 def default_out(name: str, method: str, method_opts: dict, target: str) -> Path:
     if method == "tome":
         tag = f"tome-r{method_opts['r']}" if "r" in method_opts else "tome-schedule"
+    elif method == "tomesd":
+        tag = f"tomesd-{method_opts['ratio']:g}"
     else:
         tag = method
     return Path(f"{name}-{tag}-{target}")
@@ -118,14 +146,16 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         input_shapes = parse_input_shape(options.input_shape)
     loaded = load_model(options.model, options.weights, options.trust_pickle)
     if options.input_shape is None:
-        if loaded.default_input_shape is None:
+        input_shapes = default_input_shapes(loaded.module) or (
+            [loaded.default_input_shape] if loaded.default_input_shape else None
+        )
+        if input_shapes is None:
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
-        input_shapes = [loaded.default_input_shape]
     model = apply(loaded.module, method, **method_opts)
     out = Path(options.out) if options.out else default_out(loaded.name, method, method_opts, target.name)
     try:
         with torch.no_grad():
-            model(*[torch.zeros(s) for s in input_shapes])
+            model(*make_inputs(model, input_shapes, 0))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{options.model} rejects input shape {input_shapes}: {first}") from None

@@ -38,8 +38,9 @@ class ExportContext:
     manifest: dict = field(default_factory=dict)
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        generator = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(*s, generator=generator) for s in self.input_shapes)
+        from tome_export.inputs import make_inputs
+
+        return make_inputs(self.model, self.input_shapes, seed)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ def export_and_verify_onnx(
     with ctx.progress.step(f"exporting to ONNX (lowering {ctx.lowering}, opset {ctx.options.opset})"):
         exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
     save_onnx(exported.model, ctx.bundle_dir / filename)
+    for rewrite in exported.rewrites:
+        ctx.progress.say(f"rewrote {rewrite.get('node', rewrite['op'])} ({rewrite['op']}) → {rewrite['became']}")
     graph = exported.model.graph
     ctx.manifest.update(
         {
