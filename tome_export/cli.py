@@ -32,7 +32,7 @@ def main() -> None:
 
     \b
     tome-export MODEL --target onnx --r 16
-    MODEL: timm:NAME | package.module:factory | model.pt (--trust-pickle)
+    MODEL: timm:NAME | package.module:factory | model.pt2 | model.pt (--trust-pickle)
     """
 
 
@@ -53,6 +53,12 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
+@click.option(
+    "--protected",
+    type=click.IntRange(0),
+    default=None,
+    help="Graph-level insertion: leading tokens never merged (default: detect a learned class token).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -72,6 +78,7 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    protected,
     as_json,
     quiet,
 ) -> None:
@@ -96,6 +103,7 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        protected=protected,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)
