@@ -8,7 +8,7 @@ after that add. The semantics are those of ``tome_export.apply(model, method="to
 
 - metric: the block's attention keys averaged over heads;
 - size tracking, and proportional attention: ``log(size)`` is added to the logits (or to
-  the SDPA ``attn_mask``) of every block after the first merge;
+  SDPA mask, writing that SDPA out as its math) of every block after the first merge;
 - protected prefix tokens: ``protected=`` or detected (see :func:`detect_protected_tokens`);
 - r per block from ``merging/schedule.py`` (capped by the token count).
 
@@ -321,15 +321,38 @@ def _proportional_attention(graph: fx.Graph, block: AttentionBlock, size: fx.Nod
         logits = node.args[0]
         node.replace_input_with(logits, _insert_before(graph, node, aten.add.Tensor, logits, bias))
         return
-    mask = node.kwargs["attn_mask"] if "attn_mask" in node.kwargs else (node.args[3] if len(node.args) > 3 else None)
+    _sdpa_as_math(graph, node, bias)
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_as_math(graph: fx.Graph, node: fx.Node, bias: fx.Node) -> None:
+    """Replace an SDPA node by softmax(q·kᵀ·scale + mask + bias)·v.
+
+    Written out because torch.onnx decomposes a masked SDPA with strides that no longer
+    fit the following reshape once the token count changed; the math is SDPA's own."""
+    call = dict(zip(_SDPA_ARGS, node.args))
+    call.update(node.kwargs)
+    q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
+    if call.get("dropout_p", 0.0) or call.get("enable_gqa", False):
+        raise UserError(
+            f"{node.name}: proportional attention supports SDPA without dropout or grouped-query "
+            "attention; pass --no-prop-attn (prop_attn=False)"
+        )
+    scale = call.get("scale") or _shape(q)[-1] ** -0.5
+    keys_t = _insert_before(graph, node, aten.transpose.int, k, -2, -1)
+    logits = _insert_before(graph, node, aten.matmul.default, q, keys_t)
+    logits = _insert_before(graph, node, aten.mul.Tensor, logits, scale)
     if isinstance(mask, fx.Node):
         if _dtype(mask) == torch.bool:  # True = attend, as SDPA reads boolean masks
             mask = _insert_before(graph, node, aten.where.ScalarOther, mask, 0.0, -math.inf)
-        bias = _insert_before(graph, node, aten.add.Tensor, mask, bias)
-    if len(node.args) > 3:
-        node.args = (*node.args[:3], bias, *node.args[4:])
-    else:
-        node.kwargs = {**node.kwargs, "attn_mask": bias}
+        logits = _insert_before(graph, node, aten.add.Tensor, logits, mask)
+    logits = _insert_before(graph, node, aten.add.Tensor, logits, bias)
+    weights = _insert_before(graph, node, aten.softmax.int, logits, -1)
+    out = _insert_before(graph, node, aten.matmul.default, weights, v)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def _dtype(node) -> torch.dtype | None:
