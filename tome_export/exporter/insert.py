@@ -590,6 +590,25 @@ def _to_program(model_or_program, example_inputs: tuple) -> torch.export.Exporte
         raise UserError(f"torch.export could not trace {type(model_or_program).__name__}: {_first_line(exc)}") from None
 
 
+def _static_program(program: torch.export.ExportedProgram, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """The program with static shapes: a dynamic one is re-traced at ``example_inputs``."""
+    for node in program.graph.nodes:
+        if node.op == "call_function" and str(getattr(node.target, "namespace", "")) == ops.OP_NAMESPACE:
+            raise UserError(f"the graph already merges tokens ({node.name}); insert merges into an unmerged model")
+    dynamic = any(
+        isinstance(value, torch.Tensor) and not all(isinstance(d, int) for d in value.shape)
+        for value in (node.meta.get("val") for node in program.graph.nodes)
+    )
+    if not dynamic:
+        return program
+    try:  # token counts are static per input size, so specialize to the one given
+        return torch.export.export(program.module(), example_inputs)
+    except Exception as exc:
+        raise UserError(
+            f"cannot specialize the dynamic program to the input shapes given: {_first_line(exc)}"
+        ) from None
+
+
 def insert_merges(
     model_or_program: nn.Module | torch.export.ExportedProgram,
     example_inputs: Sequence[torch.Tensor],
@@ -607,6 +626,7 @@ def insert_merges(
     example_inputs = tuple(example_inputs)
     sched = as_schedule(r, schedule)
     program = _to_program(model_or_program, example_inputs)
+    program = _static_program(program, example_inputs)
     gm = program.module()
     codegen = gm.graph._codegen
     pytree_info = getattr(codegen, "pytree_info", None)
