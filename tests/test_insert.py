@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 import tome_export
 from samples.plain_transformer import from_reference
@@ -55,6 +56,15 @@ def test_pt2_archive_matches_eager_patch(tmp_path):
         assert info[key] == reference[key]
     assert info["r_per_layer"] == [12, 8, 22]  # the last r capped by the token count
     assert info["insertion"] == "graph" and len(info["attention_blocks"]) == 3
+    # Shape metadata follows the merged token counts: fake propagation equals a real run.
+    recorded = {n: tuple(n.meta["val"].shape) for n in merged.graph_module.graph.nodes if _is_tensor(n)}
+    ShapeProp(merged.graph_module).propagate(x)
+    real = {n: tuple(n.meta["tensor_meta"].shape) for n in recorded}
+    assert recorded == real and {shape[1] for shape in real.values() if len(shape) == 3} >= {65, 53, 45, 23}
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def test_sdpa_model_with_other_names_matches_eager_patch():

@@ -479,6 +479,25 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def _rerun(gm: fx.GraphModule, node: fx.Node, env: dict, old_shapes: dict, base_tokens: int):
+    """Fix ``node``'s size arguments if its input changed shape, then run it on fakes."""
+    first = node.args[0] if node.args else None
+    if (
+        node.op == "call_function"
+        and not node.meta.get(INSERTED)
+        and node.target in SIZE_FIXERS
+        and isinstance(first, fx.Node)
+        and first in old_shapes
+        and tuple(env[first].shape) != old_shapes[first]
+    ):
+        fix = SIZE_FIXERS[node.target]
+        node.args = fix(node, tuple(env[first].shape), old_shapes[first], old_shapes.get(node, ()), base_tokens)
+    args = map_arg(node.args, env.__getitem__)
+    kwargs = map_arg(node.kwargs, env.__getitem__)
+    target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+    return target(*args, **kwargs)
+
+
 def repropagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], old_shapes: dict, base_tokens: int) -> None:
     """Re-run every node on fake tensors in order, rewriting token-count size arguments.
 
@@ -500,23 +519,8 @@ def repropagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], old_
                     attr = getattr(attr, part)
                 env[node] = mode.from_tensor(attr) if isinstance(attr, torch.Tensor) else attr
             elif node.op in ("call_function", "call_module"):
-                first = node.args[0] if node.args else None
-                if (
-                    node.op == "call_function"
-                    and not node.meta.get(INSERTED)
-                    and node.target in SIZE_FIXERS
-                    and isinstance(first, fx.Node)
-                    and first in old_shapes
-                    and tuple(env[first].shape) != old_shapes[first]
-                ):
-                    node.args = SIZE_FIXERS[node.target](
-                        node, tuple(env[first].shape), old_shapes[first], old_shapes.get(node, ()), base_tokens
-                    )
-                args = map_arg(node.args, env.__getitem__)
-                kwargs = map_arg(node.kwargs, env.__getitem__)
-                target = gm.get_submodule(node.target) if node.op == "call_module" else node.target
                 try:
-                    env[node] = target(*args, **kwargs)
+                    env[node] = _rerun(gm, node, env, old_shapes, base_tokens)
                 except UserError:
                     raise
                 except Exception as exc:
