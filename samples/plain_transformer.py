@@ -119,3 +119,10 @@ def plain_tiny_test(**kwargs) -> PlainTransformer:
     """The same size as ``reference_vit.vit_tiny_test``: 64×64 input, 4 layers."""
     torch.manual_seed(kwargs.pop("seed", 0))
     return PlainTransformer(**kwargs).eval()
+
+
+def plain_micro_test(**kwargs) -> PlainTransformer:
+    """Smallest useful size for end-to-end tests: 32×32 input, 17 tokens, 2 layers."""
+    options = dict(image=32, patch=8, width=32, depth=2, heads=2)
+    options.update(kwargs)
+    return plain_tiny_test(**options)
