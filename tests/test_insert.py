@@ -246,6 +246,7 @@ def test_pipeline_falls_back_to_graph_insertion_for_unknown_models(tmp_path):
     )
     assert manifest["merge"]["insertion"] == "graph"
     assert manifest["merge"]["protected_rule"] == "given: 1 protected"
+    assert [spec["name"] for spec in manifest["inputs"]] == ["pixels"]  # the model's own input name
     assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_err"] <= 1e-5
     assert manifest["verification"]["decision_agreement"] == [1.0, 1.0]
     with pytest.raises(UserError, match="--protected applies to graph-level insertion"):

@@ -21,6 +21,7 @@ new token count (a constant of token length, a split along tokens) is refused by
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -568,6 +569,19 @@ class GraphMergedModel(nn.Module):
         return self._tome_state.info()
 
 
+def _with_input_names(names: list[str]) -> type[GraphMergedModel]:
+    """A GraphMergedModel class whose forward signature names the original inputs.
+
+    ``export_onnx`` names graph inputs after ``forward``'s parameters."""
+
+    def forward(self, *args, **kwargs):
+        return GraphMergedModel.forward(self, *args, **kwargs)
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = inspect.Signature([inspect.Parameter(n, positional) for n in ["self", *names]])
+    return type(GraphMergedModel.__name__, (GraphMergedModel,), {"forward": forward})
+
+
 def as_schedule(r: int | None, schedule) -> schedules.Schedule:
     """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes."""
     if (r is None) == (schedule is None):
@@ -680,7 +694,9 @@ def insert_merges(
     state.protected_rule = rule
     in_spec = pytree_info.in_spec if pytree_info is not None else None
     out_spec = pytree_info.out_spec if pytree_info is not None else pytree.tree_flatten(tuple(flat_outputs))[1]
-    model = GraphMergedModel(gm, state, in_spec, out_spec, len(flat_outputs))
+    names = list(getattr(pytree_info, "orig_args", None) or [])
+    cls = _with_input_names(names) if len(names) == len(example_inputs) else GraphMergedModel
+    model = cls(gm, state, in_spec, out_spec, len(flat_outputs))
     model._r_per_layer, model._tokens_per_layer = r_per_layer, tokens[:-1]
     state.r_per_layer, state.tokens_per_layer = list(r_per_layer), list(tokens[:-1])
     return model
