@@ -262,3 +262,15 @@ def test_dynamic_program_is_specialized_to_the_input_shape():
     assert err <= 1e-5 and all(same)
     with pytest.raises(UserError, match="already merges tokens"):
         insert_merges(torch.export.export(merged, (x[:1],)), (x[:1],), r=8)
+
+
+@pytest.mark.parametrize("variant", ["matmul", "sdpa"])
+def test_core_aten_programs_are_found_too(variant):
+    """After run_decompositions a 4-D matmul is expand → view → bmm and SDPA is spelled out."""
+    vit = vit_tiny_test(depth=2)
+    x = torch.randn(1, 3, 64, 64)
+    model = vit if variant == "matmul" else from_reference(vit)
+    program = torch.export.export(model, (x,)).run_decompositions()
+    merged = insert_merges(program, (x,), r=8)
+    err, same = run_both(tome_export.apply(copy.deepcopy(vit), r=8), merged, x)
+    assert err <= 1e-5 and all(same) and len(same) == 2

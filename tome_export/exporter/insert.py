@@ -47,7 +47,9 @@ MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
 # Ops that keep values in place between matmul and softmax, or softmax and the next matmul.
 PASS_THROUGH_OPS = {
     aten.mul.Tensor,
+    aten.mul.Scalar,
     aten.div.Tensor,
+    aten.div.Scalar,
     aten.add.Tensor,
     aten.sub.Tensor,
     aten.masked_fill.Scalar,
@@ -60,6 +62,10 @@ PASS_THROUGH_OPS = {
     aten.type_as.default,
     aten.alias.default,
 }
+# Shape-only ops between a 4-D matmul's operands and its bmm in decomposed graphs.
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}
+# From attention weights to the values matmul; where = the decomposed _safe_softmax.
+FORWARD_OPS = (PASS_THROUGH_OPS | VIEW_OPS | {aten.where.self}) - {aten.add.Tensor, aten.sub.Tensor}
 ADD_OPS = {aten.add.Tensor}
 LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 # Ops through which a learned prefix token reaches the concatenation.
@@ -161,30 +167,34 @@ def _softmax_block(node: fx.Node) -> tuple[dict | None, str]:
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
     if shape is None or len(shape) != 4 or dim % 4 != 3:
         return None, "not a softmax over the last dim of (B, heads, N, N) logits"
-    logits = _walk_back(node.args[0], PASS_THROUGH_OPS)
+    # Core-ATen graphs (run_decompositions) spell a 4-D matmul as expand → view → bmm → view.
+    logits = _walk_back(node.args[0], PASS_THROUGH_OPS | VIEW_OPS)
     if not (isinstance(logits, fx.Node) and logits.target in MATMUL_OPS):
         return None, "softmax input does not come from a matmul"
     users = [node]
     output = None
-    while users:  # forward through dropout/casts to the weights @ values matmul
+    while users:  # forward through dropout/casts/views to the weights @ values matmul
         current = users.pop()
         for user in current.users:
             if user.target in MATMUL_OPS and user.args[0] is current:
                 output = user
-            elif user.target in PASS_THROUGH_OPS - {aten.add.Tensor, aten.sub.Tensor}:
+            elif user.target in FORWARD_OPS:
                 users.append(user)
     if output is None:
         return None, "softmax output does not feed a matmul with values"
     if shape[-1] != shape[-2]:
         return None, "cross-attention (queries and keys differ in length)"
-    q, key_operand = logits.args[0], logits.args[1]
+    key_operand = _walk_back(logits.args[1], PASS_THROUGH_OPS | VIEW_OPS)
     keys = _last_two_swapped(key_operand)
+    keys = keys if keys is not None else key_operand
+    if len(_shape(keys) or ()) != 4:
+        return None, "keys are not (B, heads, N, d)"
     return (
         dict(
             kind="matmul-softmax",
-            queries=_walk_back(q, PASS_THROUGH_OPS),
-            keys=keys if keys is not None else key_operand,
-            keys_transposed=keys is None,
+            queries=_walk_back(logits.args[0], PASS_THROUGH_OPS | VIEW_OPS),
+            keys=keys,
+            keys_transposed=keys is key_operand,
             output=output,
         ),
         "",
