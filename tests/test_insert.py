@@ -145,13 +145,13 @@ class TokenMixer(nn.Module):
 
 def test_no_attention_block_is_a_user_error(tmp_path, capsys):
     x = torch.randn(1, 10, 8)
-    with pytest.raises(UserError, match="no attention block found"):
+    with pytest.raises(UserError, match="no attention blocks found"):
         insert_merges(TokenMixer(), (x,), r=2)
     archive = save_pt2(TokenMixer(), x, tmp_path / "mixer.pt2")
     out = tmp_path / "out"
     assert cli.run([archive, "--r", "2", "-o", str(out), "-q"]) == 2
     message = capsys.readouterr().err.strip()
-    assert message.startswith("error: no attention block found") and "\n" not in message
+    assert message.startswith("error: no attention blocks found") and "\n" not in message
     assert not out.exists()
 
 
@@ -223,7 +223,7 @@ def test_cli_pt2_export_verifies_on_onnxruntime(tmp_path, cli):
     out = tmp_path / "bundle"
     result = cli(archive, "--r", "4", "-o", str(out), "--seeds", "2", "--json")
     assert result.returncode == 0, result.stderr
-    assert "inserting merges at graph level" in result.stderr
+    assert "inserted merges at graph level" in result.stderr
     manifest = json.loads(result.stdout)
     assert manifest["merge"]["insertion"] == "graph"
     assert manifest["merge"]["r_per_layer"] == [4, 4] and manifest["merge"]["protected_tokens"] == 1

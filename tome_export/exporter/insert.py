@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -662,7 +663,7 @@ def insert_merges(
     if not blocks:
         why = "; ".join(f"{name}: {reason}" for name, reason in list(rejected.items())[:3])
         raise UserError(
-            "no attention block found in the exported graph (looked for scaled_dot_product_attention or "
+            "no attention blocks found in the exported graph (looked for scaled_dot_product_attention or "
             "matmul→softmax→matmul followed by a residual add)" + (f"; passed over {why}" if why else "")
         )
     base_tokens = blocks[0].num_tokens
@@ -731,10 +732,12 @@ def insert_for_export(loaded, method_opts: dict, input_shapes, protected: int | 
         why = f"{type(loaded.module).__name__} has no timm-style blocks for the eager patcher"
     generator = torch.Generator().manual_seed(0)
     example_inputs = tuple(torch.randn(*shape, generator=generator) for shape in input_shapes)
-    with progress.step(f"{why}: inserting merges at graph level"):
-        model = insert_merges(loaded.program or loaded.module, example_inputs, protected=protected, **method_opts)
+    # Reported once done, not as a progress step: bad input must stay a one-line error.
+    start = time.perf_counter()
+    model = insert_merges(loaded.program or loaded.module, example_inputs, protected=protected, **method_opts)
     state = model._tome_state
     merges = sum(r > 0 for r in state.r_per_layer)
+    progress.say(f"• {why}: inserted merges at graph level ({time.perf_counter() - start:.1f} s)")
     progress.say(f"  {merges} merges after {len(state.blocks)} attention blocks; {state.protected_rule}")
     return model
 
