@@ -274,3 +274,18 @@ def test_core_aten_programs_are_found_too(variant):
     merged = insert_merges(program, (x,), r=8)
     err, same = run_both(tome_export.apply(copy.deepcopy(vit), r=8), merged, x)
     assert err <= 1e-5 and all(same) and len(same) == 2
+
+
+class TwoTowers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left, self.right = vit_tiny_test(depth=1).blocks[0], vit_tiny_test(depth=1).blocks[0]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.left(x).mean(1) + self.right(y).mean(1)
+
+
+def test_blocks_off_one_residual_stream_are_refused():
+    with pytest.raises(UserError, match="not on one residual stream"):
+        insert_merges(TwoTowers(), (torch.randn(1, 9, 64), torch.randn(1, 9, 64)), r=2)

@@ -649,8 +649,8 @@ def insert_merges(
     """Insert ToMe merges after every attention block's residual add of an exported graph.
 
     ``protected=None`` detects learned prefix tokens (:func:`detect_protected_tokens`).
-    Returns an ``nn.Module`` with static shapes for ``example_inputs``; its
-    ``exported_program()`` re-traces it with torch.export. Raises ``UserError`` when the
+    Returns an ``nn.Module`` with static shapes for ``example_inputs``
+    (:func:`exported_program` re-traces it with torch.export). Raises ``UserError`` when the
     graph has no attention block or a node cannot follow the merged token count."""
     example_inputs = tuple(example_inputs)
     sched = as_schedule(r, schedule)
@@ -667,7 +667,12 @@ def insert_merges(
             "matmul→softmax→matmul followed by a residual add)" + (f"; passed over {why}" if why else "")
         )
     base_tokens = blocks[0].num_tokens
-    for block in blocks[1:]:
+    for previous, block in zip(blocks, blocks[1:]):
+        if previous.residual_add not in _ancestors(block.queries):
+            raise UserError(
+                f"attention blocks {previous.attention.name} and {block.attention.name} are not on one residual "
+                "stream; graph-level merging follows a single token stream (not multi-tower or encoder-decoder)"
+            )
         if block.num_tokens != base_tokens:
             raise UserError(
                 f"token count changes between attention blocks ({base_tokens} → {block.num_tokens} at "
