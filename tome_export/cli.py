@@ -32,7 +32,7 @@ def main() -> None:
 
     \b
     tome-export MODEL --target onnx --r 16
-    MODEL: timm:NAME | package.module:factory | model.pt (--trust-pickle)
+    MODEL: timm:NAME | package.module:factory | model.pt2 | model.pt (--trust-pickle)
     """
 
 
@@ -60,6 +60,12 @@ def main() -> None:
 @click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
 @click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
 @click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
+@click.option(
+    "--protected",
+    type=click.IntRange(0),
+    default=None,
+    help="Graph-level insertion: leading tokens never merged (default: detect a learned class token).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -86,6 +92,7 @@ def export_command(
     sx,
     sy,
     max_downsample,
+    protected,
     as_json,
     quiet,
 ) -> None:
@@ -117,6 +124,7 @@ def export_command(
         sx=sx,
         sy=sy,
         max_downsample=max_downsample,
+        protected=protected,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)

@@ -17,6 +17,7 @@ from tome_export import __version__
 from tome_export.bundle import BundleWriter, preprocessing_for
 from tome_export.devices import get_device
 from tome_export.errors import UserError
+from tome_export.exporter.insert import has_patcher, insert_for_export
 from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.inputs import default_input_shapes, make_inputs
@@ -54,6 +55,7 @@ class ExportOptions:
     sx: int = 2
     sy: int = 2
     max_downsample: int = 1
+    protected: int | None = None  # graph-level insertion: prefix tokens never merged (None: detect)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
@@ -126,7 +128,7 @@ def _merge_manifest(model: nn.Module, method: str) -> dict:
     state = merge_state(model)
     if state is None or method == "none":
         return {"method": "none", "r_per_layer": [], "tokens_per_layer": []}
-    return state.info()
+    return {"insertion": "eager", **state.info()}
 
 
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
@@ -151,7 +153,12 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         )
         if input_shapes is None:
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
-    model = apply(loaded.module, method, **method_opts)
+    if method == "tome" and (loaded.program is not None or not has_patcher(loaded.module)):
+        model = insert_for_export(loaded, method_opts, input_shapes, options.protected, progress)
+    elif options.protected is not None:
+        raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
+    else:
+        model = apply(loaded.module, method, **method_opts)
     out = Path(options.out) if options.out else default_out(loaded.name, method, method_opts, target.name)
     try:
         with torch.no_grad():
