@@ -157,7 +157,7 @@ class STDiT(nn.Module):
         self.out_shift_scale = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         self.proj_out = nn.Linear(dim, in_channels)
         # Shapes of (x, timestep, text) for one sample; the CLI's --input-shape takes the same.
-        self.example_input_shapes = [(1, num_frames * spatial_tokens, in_channels), (1,), (1, text_tokens, text_dim)]
+        self.default_input_shapes = [(1, num_frames * spatial_tokens, in_channels), (1,), (1, text_tokens, text_dim)]
 
     def forward(
         self,

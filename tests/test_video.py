@@ -60,7 +60,7 @@ def test_frame_mask_is_halved():
 
 def _inputs(model, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    shapes = [(batch, *s[1:]) for s in model.example_input_shapes]
+    shapes = [(batch, *s[1:]) for s in model.default_input_shapes]
     return [torch.randn(*s, generator=g) for s in shapes]
 
 
