@@ -53,6 +53,11 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
+@click.option(
+    "--pin-decisions",
+    is_flag=True,
+    help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -72,6 +77,7 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    pin_decisions,
     as_json,
     quiet,
 ) -> None:
@@ -96,6 +102,7 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        pin_decisions=pin_decisions,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)

@@ -45,6 +45,7 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    pin_decisions: bool = False
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:

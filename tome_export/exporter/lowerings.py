@@ -5,6 +5,9 @@ export time, so the functions read them from their inputs and emit constants.
 
 - ``scatter``: GatherElements + ScatterElements(reduction="add") on size-weighted values
   and sizes, then divide — the mean, duplicates included. Best on ONNX Runtime.
+- ``dense`` (``dense_lowering.py``): one-hot assignment matrices and MatMul, no Scatter and
+  no GatherElements; O(N²·C), for TensorRT without plugins and the Neural Engine.
+- ``plugin`` (``plugin_lowering.py``): one ``tome_export.BipartiteMerge`` node per merge.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class Lowering:
 
 
 LOWERINGS: dict[str, Lowering] = {}
+
+# What translations want the user to know (e.g. the dense lowering's cost), appended at
+# export time; ``export_onnx`` hands the new entries to the export log and manifest.
+LOWERING_NOTES: list[dict] = []
 
 
 def register_lowering(lowering: Lowering) -> Lowering:
@@ -116,6 +123,15 @@ def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protecte
         axis=1,
     )
     slot_b = arange_rows(batch, protected + kept, num_b)
+    return interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+
+
+def interleave_slots(slot_a, slot_b, batch: int, num_tokens: int, protected: int):
+    """(B, Na) A-token and (B, Nb) B-token slots → the (B, N) slot map, protected first.
+
+    Concat/Reshape/Slice only, so every lowering (dense included) can share it."""
+    body_tokens = num_tokens - protected
+    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
     if num_a > num_b:
         slot_b = op.Concat(slot_b, op.Expand(op.Constant(value_int=0), ints(batch, 1)), axis=1)
     interleaved = op.Reshape(
@@ -124,6 +140,22 @@ def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protecte
     )
     body = take(interleaved, 0, body_tokens)
     return op.Concat(arange_rows(batch, 0, protected), body, axis=1) if protected else body
+
+
+def no_merge(x, size, batch: int, num_tokens: int, protected: int):
+    """r = 0 as the eager op defines it: nothing merges, but tokens still come out in the
+    merge layout (protected, A tokens, B tokens) and the slot map says so."""
+    body_tokens = num_tokens - protected
+    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+
+    def reorder(t):
+        body = take(t, protected) if protected else t
+        parts = [take(t, 0, protected)] if protected else []
+        return op.Concat(*parts, take(body, 0, step=2), take(body, 1, step=2), axis=1)
+
+    slot_a = arange_rows(batch, protected, num_a)
+    slot_b = arange_rows(batch, protected + num_a, num_b)
+    return reorder(x), reorder(size), interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
 
 
 def finish(merged, x, size, channels: int, protected: int):
@@ -141,6 +173,8 @@ def finish(merged, x, size, channels: int, protected: int):
 
 def merge_scatter(metric, x, size, r: int, protected: int):
     batch, num_tokens, channels = (int(d) for d in x.shape)
+    if r == 0:
+        return no_merge(x, size, batch, num_tokens, protected)
     unm_idx, src_idx, dst_idx = match(metric, r, protected)
     body_x = take(x, protected) if protected else x
     body_size = take(size, protected) if protected else size
@@ -160,5 +194,27 @@ register_lowering(
         "scatter",
         "GatherElements + ScatterElements(add) on size-weighted values, then divide",
         {"tome_export::bipartite_merge": merge_scatter},
+    )
+)
+
+
+# -- plugin and dense live in their own modules ----------------------------------------
+
+from tome_export.exporter import dense_lowering as _dense  # noqa: E402
+from tome_export.exporter import plugin_lowering as _plugin  # noqa: E402
+
+register_lowering(
+    Lowering(
+        "plugin",
+        f"one {_plugin.PLUGIN_DOMAIN}.{_plugin.PLUGIN_OP_TYPE} custom node per merge (TensorRT plugin, ORT custom op)",
+        {"tome_export::bipartite_merge": _plugin.merge_plugin},
+        custom_domains=(_plugin.PLUGIN_DOMAIN,),
+    )
+)
+register_lowering(
+    Lowering(
+        "dense",
+        "one-hot assignment matrices and MatMul, no Scatter (TensorRT without plugins, Neural Engine); O(N²·C)",
+        {"tome_export::bipartite_merge": _dense.merge_dense},
     )
 )

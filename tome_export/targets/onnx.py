@@ -49,6 +49,12 @@ def export_and_verify_onnx(ctx: ExportContext, filename: str = "model.onnx", pro
             "rewrites": exported.rewrites,
         }
     )
+    if exported.custom_domains:
+        ctx.manifest["custom_domains"] = exported.custom_domains
+    if exported.lowering_notes:
+        ctx.manifest["lowering_notes"] = exported.lowering_notes
+        for note in exported.lowering_notes:
+            ctx.progress.say(note["message"])
     if not ctx.options.verify:
         ctx.manifest["verification"] = {"skipped": True}
         return exported
@@ -64,6 +70,7 @@ def export_and_verify_onnx(ctx: ExportContext, filename: str = "model.onnx", pro
             seeds=range(ctx.options.seeds),
             atol=ctx.options.atol,
             on_seed=ctx.progress.tick,
+            pin_decisions=ctx.options.pin_decisions,
         )
     ctx.manifest["verification"] = result.to_dict()
     ctx.progress.say(result.summary())
@@ -77,7 +84,7 @@ register_target(
         name="onnx",
         description="ONNX graph verified on ONNX Runtime (CPU; CUDA with --device nvidia-*)",
         default_lowering="scatter",
-        lowerings=("scatter",),
+        lowerings=("scatter", "dense", "plugin"),
         build=export_and_verify_onnx,
     )
 )
