@@ -18,7 +18,17 @@ import logging
 from onnx import TensorProto
 from onnxscript import opset18 as op
 
-from tome_export.exporter.lowerings import LOWERING_NOTES, arange_rows, finish, interleave_slots, ints, no_merge, take
+from tome_export.exporter.lowerings import (
+    LOWERING_NOTES,
+    Lowering,
+    arange_rows,
+    finish,
+    interleave_slots,
+    ints,
+    no_merge,
+    register_lowering,
+    take,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +123,12 @@ def merge_dense(metric, x, size, r: int, protected: int):
     slot_b = arange_rows(batch, protected + kept, num_b)
     slot = interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
     return merged_x, merged_size, slot
+
+
+register_lowering(
+    Lowering(
+        "dense",
+        "one-hot assignment matrices and MatMul, no Scatter (TensorRT without plugins, Neural Engine); O(N²·C)",
+        {"tome_export::bipartite_merge": merge_dense},
+    )
+)

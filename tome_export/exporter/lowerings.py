@@ -198,23 +198,6 @@ register_lowering(
 )
 
 
-# -- plugin and dense live in their own modules ----------------------------------------
+# -- plugin and dense live in their own modules, which register themselves --------------
 
-from tome_export.exporter import dense_lowering as _dense  # noqa: E402
-from tome_export.exporter import plugin_lowering as _plugin  # noqa: E402
-
-register_lowering(
-    Lowering(
-        "plugin",
-        f"one {_plugin.PLUGIN_DOMAIN}.{_plugin.PLUGIN_OP_TYPE} custom node per merge (TensorRT plugin, ORT custom op)",
-        {"tome_export::bipartite_merge": _plugin.merge_plugin},
-        custom_domains=(_plugin.PLUGIN_DOMAIN,),
-    )
-)
-register_lowering(
-    Lowering(
-        "dense",
-        "one-hot assignment matrices and MatMul, no Scatter (TensorRT without plugins, Neural Engine); O(N²·C)",
-        {"tome_export::bipartite_merge": _dense.merge_dense},
-    )
-)
+from tome_export.exporter import dense_lowering, plugin_lowering  # noqa: E402, F401

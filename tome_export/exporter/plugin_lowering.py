@@ -18,6 +18,8 @@ import onnx.defs
 from onnx.defs import OpSchema
 from onnxscript import values
 
+from tome_export.exporter.lowerings import Lowering, register_lowering
+
 PLUGIN_DOMAIN = "tome_export"
 PLUGIN_OP_TYPE = "BipartiteMerge"
 PLUGIN_VERSION = 1
@@ -68,3 +70,13 @@ def uses_plugin_domain(model) -> bool:
     return any(node.domain == PLUGIN_DOMAIN for node in model.graph.node) or any(
         f.domain == PLUGIN_DOMAIN for f in model.functions
     )
+
+
+register_lowering(
+    Lowering(
+        "plugin",
+        f"one {PLUGIN_DOMAIN}.{PLUGIN_OP_TYPE} custom node per merge (TensorRT plugin, ONNX Runtime custom op)",
+        {"tome_export::bipartite_merge": merge_plugin},
+        custom_domains=(PLUGIN_DOMAIN,),
+    )
+)
