@@ -44,11 +44,17 @@ class ManyMerges(nn.Module):
         return tuple(outs)
 
 
-def random_feeds(configs, seed: int) -> list[torch.Tensor]:
+def random_feeds(configs, seed: int, ties: bool = False) -> list[torch.Tensor]:
+    """Random metric/x/size per config; ``ties``: every metric row is e0 or e1, so the
+    similarities are exactly 0 or 1 and the tie-breaking rules decide everything."""
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for batch, tokens, channels, _, _ in configs:
-        tensors.append(torch.randn(batch, tokens, 6, generator=generator))
+        if ties:
+            choice = torch.randint(0, 2, (batch, tokens), generator=generator)
+            tensors.append(torch.nn.functional.one_hot(choice, 6).float())
+        else:
+            tensors.append(torch.randn(batch, tokens, 6, generator=generator))
         tensors.append(torch.randn(batch, tokens, channels, generator=generator))
         tensors.append(torch.rand(batch, tokens, 1, generator=generator) * 3 + 0.5)
     return tensors
@@ -74,12 +80,12 @@ def export_lowerings(configs, lowerings=LOWERING_NAMES) -> dict[str, onnx.ModelP
     return models
 
 
-def check_against_eager(configs, models: dict[str, onnx.ModelProto], seeds=(0, 1)) -> None:
+def check_against_eager(configs, models: dict[str, onnx.ModelProto], seeds=(0, 1), ties: bool = False) -> None:
     for name, model in models.items():
         onnx.checker.check_model(model, full_check=True)
         runner = OnnxRuntimeRunner(model)
         for seed in seeds:
-            tensors = random_feeds(configs, seed)
+            tensors = random_feeds(configs, seed, ties)
             got = runner.run({n: t.numpy() for n, t in zip(runner.input_names, tensors)})
             got = [got[n] for n in runner.output_names]
             for i, (_, _, _, r, protected) in enumerate(configs):
@@ -107,7 +113,10 @@ EDGE_CONFIGS = [
 
 def test_edge_cases_all_lowerings_match_eager():
     configs = EDGE_CONFIGS
-    check_against_eager(configs, export_lowerings(configs))
+    models = export_lowerings(configs)
+    check_against_eager(configs, models)
+    # Exact ties everywhere (duplicate tokens): same tie-breaking as eager's stable sort.
+    check_against_eager(configs, models, seeds=(3, 4, 5), ties=True)
 
 
 @st.composite
@@ -134,6 +143,7 @@ def test_dense_rank_path_past_topk_limit(monkeypatch):
     models = export_lowerings(configs, ("dense",))
     assert not any(n.op_type == "TopK" for n in models["dense"].graph.node)
     check_against_eager(configs, models)
+    check_against_eager(configs, models, seeds=(3, 4), ties=True)
 
 
 def test_dense_graph_has_no_scatter_and_trt_legal_topk():

@@ -1,7 +1,7 @@
 """The ``dense`` lowering: the merge as one-hot assignment matrices and MatMul.
 
 No Scatter*, no GatherElements: matching uses MatMul/ReduceMax/ArgMax/TopK, the set of
-merged A tokens is a one-hot of TopK's indices, the output row of every A token is a
+merged A tokens is a threshold at TopK's r-th value (ties by CumSum), the output row of every A token is a
 CumSum/Where, and the merge itself is one MatMul of a (K × Na) one-hot matrix with the
 size-weighted A tokens. Every op is native in TensorRT (TopK with sorted=1 and K < 3840,
 as onnx-tensorrt requires) and maps onto Core ML / the Neural Engine.
@@ -62,11 +62,20 @@ def dense_cost(batch: int, num_tokens: int, channels: int, r: int, protected: in
 
 
 def merged_flags_topk(node_max, num_a: int, r: int):
-    """(B, Na) bool: is the A token among the r best edges? TopK + one-hot, no scatter."""
-    _, best = op.TopK(node_max, ints(r), axis=-1, largest=1, sorted=1)
-    columns = op.Range(op.Constant(value_int=0), op.Constant(value_int=num_a), op.Constant(value_int=1))
-    one_hot = op.Cast(op.Equal(op.Unsqueeze(best, ints(2)), columns), to=TensorProto.FLOAT)  # (B, r, Na)
-    return op.Cast(op.ReduceMax(one_hot, ints(1), keepdims=0), to=TensorProto.BOOL)
+    """(B, Na) bool: is the A token among the r best edges (stable descending order)?
+
+    TopK gives the r-th best score v; tokens above v merge, and of those equal to v the
+    lowest-indexed ones fill the remaining places (CumSum over the ties) — TopK's and the
+    eager stable sort's tie-break. O(Na) after the TopK: no one-hot, no scatter."""
+    values, _ = op.TopK(node_max, ints(r), axis=-1, largest=1, sorted=1)
+    threshold = take(values, r - 1, r, axis=1)  # (B, 1)
+    above = op.Greater(node_max, threshold)
+    tied = op.Equal(node_max, threshold)
+    places_left = op.Sub(
+        op.Constant(value_int=r), op.ReduceSum(op.Cast(above, to=TensorProto.INT64), ints(1), keepdims=1)
+    )
+    tie_rank = op.CumSum(op.Cast(tied, to=TensorProto.INT64), op.Constant(value_int=1), exclusive=1)
+    return op.Or(above, op.And(tied, op.Less(tie_rank, places_left)))
 
 
 def merged_flags_rank(node_max, num_a: int, r: int):

@@ -26,14 +26,21 @@ def bipartite_merge_numpy(
 
     if mode not in PLUGIN_MODES:
         raise ValueError(f"{PLUGIN_OP_TYPE}: mode {mode!r} is not one of {PLUGIN_MODES}")
-    with torch.no_grad():
-        out_x, out_size, slot = bipartite.merge_tokens(
-            torch.from_numpy(np.ascontiguousarray(metric)),
-            torch.from_numpy(np.ascontiguousarray(x)),
-            torch.from_numpy(np.ascontiguousarray(size)),
-            int(r),
-            int(protected),
-        )
+    # One torch thread: ONNX Runtime's own pool is still spinning while this runs, and
+    # torch's threads fighting it made a ViT-scale merge ~60× slower on a busy 2-core CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out_x, out_size, slot = bipartite.merge_tokens(
+                torch.from_numpy(np.ascontiguousarray(metric)),
+                torch.from_numpy(np.ascontiguousarray(x)),
+                torch.from_numpy(np.ascontiguousarray(size)),
+                int(r),
+                int(protected),
+            )
+    finally:
+        torch.set_num_threads(threads)
     return out_x.numpy(), out_size.numpy(), slot.numpy().astype(np.int64)
 
 
