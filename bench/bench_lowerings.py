@@ -9,7 +9,7 @@ process (round-robin), warm-up first, medians reported; every variant is also ch
 against eager PyTorch. The merge op's share of a ViT block / SD block uses the default
 lowering of the ONNX target. ONE JSON object is printed last.
 
-    PYTHONPATH=$PWD python bench/bench_lowerings.py [--runs 20] [--sd-runs 10]
+    PYTHONPATH=$PWD python bench/bench_lowerings.py [--runs 20] [--sd-runs 10] [--large-runs 10]
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def ratios(medians: dict[str, float], base: str = "scatter") -> dict[str, float]
     return {f"{name}/{base}": round(ms / medians[base], 3) for name, ms in medians.items() if name != base}
 
 
-def bench_merge_op(runs: int, sd_runs: int, errors: dict) -> dict:
+def bench_merge_op(runs: int, sd_runs: int, errors: dict, keep: dict) -> dict:
+    """``keep`` receives the default lowering's runner per scale, for the block share."""
     results = {}
     for scale, (batch, tokens, channels, dim, r, protected) in OP_SCALES.items():
         generator = torch.Generator().manual_seed(0)
@@ -154,6 +155,7 @@ def bench_merge_op(runs: int, sd_runs: int, errors: dict) -> dict:
             runner, feeds, err = export_runner(MergeOnly(r, protected), inputs, lowering)
             variants[lowering] = (runner, feeds)
             errors[f"merge_op/{scale}/{lowering}"] = err
+        keep[scale] = variants[DEFAULT_LOWERING]
         medians = interleaved_medians(variants, sd_runs if scale == "sd" else runs)
         results[scale] = {
             "shape": {"batch": batch, "tokens": tokens, "channels": channels, "r": r, "protected": protected},
@@ -165,14 +167,18 @@ def bench_merge_op(runs: int, sd_runs: int, errors: dict) -> dict:
     return results
 
 
-def bench_models(runs: int, sd_runs: int, errors: dict) -> dict:
+def bench_models(runs: int, large_runs: int, errors: dict) -> dict:
     cases = {
         "vit_s16_r16": (lambda: apply(vit_small_patch16_224(), "tome", r=16), (torch.randn(1, 3, 224, 224),), runs),
-        "vit_b16_r16": (lambda: apply(vit_base_patch16_224(), "tome", r=16), (torch.randn(1, 3, 224, 224),), runs),
+        "vit_b16_r16": (
+            lambda: apply(vit_base_patch16_224(), "tome", r=16),
+            (torch.randn(1, 3, 224, 224),),
+            large_runs,
+        ),
         "sd_block_ratio0.5": (
             lambda: SDTransformerBlock(r=2048).eval(),
             (torch.randn(1, 4096, 320), torch.randn(1, 77, 768)),
-            sd_runs,
+            large_runs,
         ),
     }
     results = {}
@@ -198,20 +204,21 @@ def bench_models(runs: int, sd_runs: int, errors: dict) -> dict:
     return results
 
 
-def bench_block_share(runs: int, sd_runs: int, merge_op: dict, errors: dict) -> dict:
-    """Merge op time (default lowering) over the time of the block it sits in."""
+def bench_block_share(runs: int, sd_runs: int, merge_runners: dict, errors: dict) -> dict:
+    """Merge op time (default lowering) over the time of the block it sits in; the two are
+    timed interleaved so they see the same machine load."""
     torch.manual_seed(0)
     vit_block = apply(OneVitBlock(384, 6).eval(), "tome", r=16)
     vit_runner = export_runner(vit_block, (torch.randn(1, 197, 384),), DEFAULT_LOWERING)
     errors[f"block/vit_s/{DEFAULT_LOWERING}"] = vit_runner[2]
-    vit_ms = interleaved_medians({"vit_s_block": vit_runner[:2]}, runs)["vit_s_block"]
+    vit = interleaved_medians({"block": vit_runner[:2], "merge": merge_runners["vit_s"]}, runs)
     torch.manual_seed(0)
     sd_block = SDTransformerBlock(r=2048).eval()
     sd_runner = export_runner(sd_block, (torch.randn(1, 4096, 320), torch.randn(1, 77, 768)), DEFAULT_LOWERING)
     errors[f"block/sd/{DEFAULT_LOWERING}"] = sd_runner[2]
-    sd_ms = interleaved_medians({"sd_block": sd_runner[:2]}, sd_runs)["sd_block"]
-    vit_merge = merge_op["vit_s"]["median_ms"][DEFAULT_LOWERING]
-    sd_merge = merge_op["sd"]["median_ms"][DEFAULT_LOWERING]
+    sd = interleaved_medians({"block": sd_runner[:2], "merge": merge_runners["sd"]}, sd_runs)
+    vit_ms, vit_merge, sd_ms, sd_merge = vit["block"], vit["merge"], sd["block"], sd["merge"]
+    print(f"block share: ViT-S {vit}, SD {sd}", file=sys.stderr, flush=True)
     return {
         "lowering": DEFAULT_LOWERING,
         "vit_s_block_ms": vit_ms,
@@ -229,13 +236,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="timed runs per variant at ViT scale")
     parser.add_argument("--sd-runs", type=int, default=10, help="timed runs per variant at SD scale")
+    parser.add_argument("--large-runs", type=int, default=10, help="timed runs per variant, ViT-B and SD block models")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.perf_counter()
     errors: dict[str, float] = {}
-    merge_op = bench_merge_op(args.runs, args.sd_runs, errors)
-    share = bench_block_share(args.runs, args.sd_runs, merge_op, errors)
-    models = bench_models(args.runs, args.sd_runs, errors)
+    merge_runners: dict = {}
+    merge_op = bench_merge_op(args.runs, args.sd_runs, errors, merge_runners)
+    share = bench_block_share(args.runs, args.sd_runs, merge_runners, errors)
+    models = bench_models(args.runs, args.large_runs, errors)
     import onnxruntime
 
     print(
@@ -245,7 +254,7 @@ def main() -> None:
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.machine()},
                 "onnxruntime": onnxruntime.__version__,
                 "torch": torch.__version__,
-                "runs": {"vit": args.runs, "sd": args.sd_runs},
+                "runs": {"vit": args.runs, "sd": args.sd_runs, "large_models": args.large_runs},
                 "merge_op": merge_op,
                 "block_share": share,
                 "models": models,
