@@ -202,3 +202,39 @@ def test_cli_unknown_lowering_exit_2_nothing_written(cli, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown lowering 'bogus'")
     assert not out.exists()
+
+
+def test_plugin_bundle_runs_from_file_and_lists_its_domain(tmp_path):
+    from tome_export.pipeline import ExportOptions, export
+
+    out = tmp_path / "bundle"
+    options = ExportOptions(
+        model="samples.reference_vit:vit_tiny_test",
+        r=4,
+        input_shape="1,3,64,64",
+        lowering="plugin",
+        seeds=1,
+        out=str(out),
+    )
+    _, manifest = export(options)
+    assert manifest["lowering"] == "plugin" and manifest["custom_domains"] == [PLUGIN_DOMAIN]
+    assert manifest["verification"]["passed"] and min(manifest["verification"]["decision_agreement"]) == 1.0
+    # A runner given only the file registers the custom-op library by itself.
+    runner = OnnxRuntimeRunner(out / "model.onnx")
+    (output,) = runner.run({"x": np.zeros((1, 3, 64, 64), np.float32)}).values()
+    assert output.shape == (1, 10)
+
+
+def test_lowering_the_target_cannot_run_is_refused(tmp_path):
+    from tome_export.errors import UserError
+    from tome_export.exporter.lowerings import Lowering, register_lowering
+    from tome_export.pipeline import ExportOptions, export
+
+    register_lowering(Lowering("test_unrunnable", "not in any target's list"))
+    try:
+        out = tmp_path / "bundle"
+        with pytest.raises(UserError, match="cannot run lowering 'test_unrunnable'"):
+            export(ExportOptions(model="samples.reference_vit:vit_tiny_test", lowering="test_unrunnable", out=str(out)))
+        assert not out.exists()
+    finally:
+        LOWERINGS.pop("test_unrunnable")
