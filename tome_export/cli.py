@@ -32,13 +32,13 @@ def main() -> None:
 
     \b
     tome-export MODEL --target onnx --r 16
-    MODEL: timm:NAME | package.module:factory | model.pt (--trust-pickle)
+    MODEL: timm:NAME | package.module:factory | model.pt2 | model.pt (--trust-pickle)
     """
 
 
 @main.command("export")
 @click.argument("model")
-@click.option("--target", default="onnx", show_default=True, help="onnx (more with extras).")
+@click.option("--target", default=None, help="onnx | trt | coreml (default: the device's, else onnx).")
 @click.option("--method", default="tome", show_default=True, help="Merging method; 'none' exports unmerged.")
 @click.option("--r", "r", type=int, default=None, help="Tokens merged per block (default 16; 0 = unmerged).")
 @click.option("--schedule", default=None, help="Per-layer r list '16,16,8' or 'linear:R:INFLECTION'.")
@@ -57,6 +57,19 @@ def main() -> None:
     "--pin-decisions",
     is_flag=True,
     help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",
+)
+@click.option("--build-engine", is_flag=True, help="--target trt: require a TensorRT engine (exit 3 without TensorRT).")
+@click.option("--no-trt-check", is_flag=True, help="--target trt: skip the TensorRT-readiness check.")
+@click.option("--chunk-mb", type=float, default=None, help="--target coreml: max weights per model chunk (MB).")
+@click.option("--ratio", type=float, default=None, help="tomesd: fraction of tokens merged (default 0.5).")
+@click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
+@click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
+@click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
+@click.option(
+    "--protected",
+    type=click.IntRange(0),
+    default=None,
+    help="Graph-level insertion: leading tokens never merged (default: detect a learned class token).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
@@ -78,6 +91,14 @@ def export_command(
     atol,
     no_prop_attn,
     pin_decisions,
+    build_engine,
+    no_trt_check,
+    chunk_mb,
+    ratio,
+    sx,
+    sy,
+    max_downsample,
+    protected,
     as_json,
     quiet,
 ) -> None:
@@ -103,6 +124,14 @@ def export_command(
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
         pin_decisions=pin_decisions,
+        build_engine=build_engine,
+        trt_check=not no_trt_check,
+        chunk_mb=chunk_mb,
+        ratio=ratio,
+        sx=sx,
+        sy=sy,
+        max_downsample=max_downsample,
+        protected=protected,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)
@@ -122,7 +151,170 @@ def devices_command(as_json: bool) -> None:
         click.echo(json.dumps([p.to_dict() for p in table.values()], indent=2))
         return
     for p in table.values():
-        click.echo(f"{p.name:<20} {p.default_target:<7} {p.precision:<5} {p.lowering:<8} {p.description}")
+        click.echo(f"{p.name:<18} {p.default_target:<7} {p.precision:<5} {p.lowering:<8} {p.description}")
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UserError(f"{option} {text!r} is malformed: give integers like 1,8")
+    return values
+
+
+def _sweep_values(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    name, sep, values = text.partition("=")
+    if not sep or name.strip() != "r":
+        raise UserError(f"--sweep {text!r} is malformed: use r=0,8,16")
+    return _int_list(values, "--sweep")
+
+
+@main.command("profile")
+@click.argument("bundle")
+@click.option("--device", default=None, help="Device profile to measure on (default: the bundle's).")
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed warm-up runs.")
+@click.option("--batch-sizes", default=None, help="e.g. 1,8: throughput per batch size (re-exports a static bundle).")
+@click.option("--sweep", default=None, help="r=0,8,16: re-export at each r, measure speed and fidelity.")
+@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
+@click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, as_json, quiet):
+    """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
+    from tome_export.profiling import ResultStore, profile_bundle
+    from tome_export.profiling.report import summarize, table
+    from tome_export.profiling.store import results_document
+    from tome_export.progress import Progress
+
+    progress = Progress(quiet)
+    sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
+    with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
+        records = profile_bundle(
+            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity
+        )
+        store.add(records)
+    progress.say(f"stored {len(records)} result(s) in {store.path}")
+    for rec in records:
+        b = rec["breakdown"]
+        if not b["consistent"]:
+            progress.say(
+                f"note: per-op times cover {b['coverage']:.0%} of end-to-end time for {rec['schedule']} "
+                f"bs {rec['batch_size']} (outside ±10%: profiler overhead or untracked work)"
+            )
+    if as_json:
+        click.echo(json.dumps(results_document(records), indent=2))
+    else:
+        click.echo(table(summarize(records)))
+
+
+@main.command("report")
+@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@click.option("--json", "as_json", is_flag=True, help="All records as JSON (the import-results format).")
+@click.option("--plots", default=None, help="Folder for PNG plots (latency vs ratio, per-layer bars).")
+@click.option("--import", "import_file", default=None, help="Import a results JSON file first.")
+@click.option("--device", default=None, help="Only this device.")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def report_command(db, as_json, plots, import_file, device, model, quiet):
+    """Compare stored results across devices."""
+    from tome_export.profiling import ResultStore
+    from tome_export.profiling.report import summarize, table, write_plots
+    from tome_export.profiling.store import read_results_file, results_document
+    from tome_export.progress import Progress
+
+    progress = Progress(quiet)
+    with ResultStore(db) as store:
+        if import_file:
+            added = store.add(read_results_file(import_file))
+            progress.say(f"imported {added} new result(s) from {import_file}")
+        where = {k: v for k, v in (("device", device), ("model", model)) if v}
+        records = store.records(**where)
+    rows = summarize(records)
+    if plots:
+        for path in write_plots(records, rows, plots):
+            progress.say(f"wrote {path}")
+    if as_json:
+        click.echo(json.dumps({**results_document(records), "summary": rows}, indent=2))
+    else:
+        click.echo(table(rows))
+
+
+@main.command("import-results")
+@click.argument("file")
+@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def import_results_command(file, db, quiet):
+    """Import results measured elsewhere (Jetson, phone) from a JSON file (`report --json` format)."""
+    from tome_export.profiling import ResultStore
+    from tome_export.profiling.store import read_results_file
+    from tome_export.progress import Progress
+
+    records = read_results_file(file)
+    with ResultStore(db) as store:
+        added = store.add(records)
+    Progress(quiet).say(f"imported {added} new result(s) ({len(records) - added} already stored) into {store.path}")
+
+
+@main.command("tune")
+@click.argument("model")
+@click.option("--device", required=True, help="Device profile the budget is for.")
+@click.option("--latency-budget", required=True, help="e.g. 20ms, 0.02s.")
+@click.option("--candidates", default="0,4,8,12,16", show_default=True, help="r values to consider.")
+@click.option("--input-shape", default=None, help="e.g. 1,3,224,224 (default: the model's own).")
+@click.option("--runs", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--remeasure", is_flag=True, help="Ignore stored points and measure every candidate.")
+@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@click.option("--trust-pickle", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def tune_command(
+    model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, db, trust_pickle, as_json, quiet
+):
+    """Find the r that meets a latency budget on DEVICE with the best fidelity (exit 1 if none does)."""
+    from tome_export.pipeline import parse_input_shape
+    from tome_export.profiling import ResultStore
+    from tome_export.profiling.tune import parse_budget, tune
+    from tome_export.progress import Progress
+
+    budget_ms = parse_budget(latency_budget)
+    values = _int_list(candidates, "--candidates")
+    if input_shape is not None:
+        parse_input_shape(input_shape)
+    from tome_export.devices import get_device
+
+    get_device(device)
+    with ResultStore(db) as store:
+        decision = tune(
+            model, device, budget_ms, values, store, input_shape, runs, warmup, remeasure, Progress(quiet), trust_pickle
+        )
+    if as_json:
+        click.echo(json.dumps(decision, indent=2))
+    else:
+        for p in decision["points"]:
+            mark = "→" if decision["choice"] is p else " "
+            cos = "-" if p["cosine"] is None else f"{p['cosine']:.4f}"
+            top1 = "-" if p["top1_agreement"] is None else f"{p['top1_agreement']:.1%}"
+            click.echo(f"{mark} {p['schedule']:<8} {p['median_ms']:8.2f} ms  cosine {cos}  top-1 {top1}  ({p['from']})")
+        if decision["met"]:
+            click.echo(
+                f"choose {decision['choice']['schedule']}: {decision['choice']['median_ms']:.2f} ms ≤ {budget_ms:g} ms budget"
+            )
+        else:
+            fastest = decision["fastest"]
+            click.echo(
+                f"no candidate meets {budget_ms:g} ms; fastest is {fastest['schedule']} at {fastest['median_ms']:.2f} ms"
+            )
+    if not decision["met"]:
+        raise click.exceptions.Exit(1)
 
 
 def run(argv: list[str] | None = None) -> int:

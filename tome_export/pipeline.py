@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from tome_export import __version__
-from tome_export.bundle import BundleWriter
+from tome_export.bundle import BundleWriter, preprocessing_for
 from tome_export.devices import get_device
 from tome_export.errors import UserError
+from tome_export.exporter.insert import has_patcher, insert_for_export
 from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
+from tome_export.inputs import default_input_shapes, make_inputs
 from tome_export.merging import METHODS, apply, merge_state
 from tome_export.merging import schedule as schedules
+from tome_export.merging.tomesd import check_tomesd_options
 from tome_export.progress import Progress
 from tome_export.targets import ExportContext, get_target
 
@@ -30,7 +33,7 @@ DEFAULT_R = 16
 @dataclass
 class ExportOptions:
     model: str
-    target: str = "onnx"
+    target: str | None = None  # None: the device profile's default target
     method: str = "tome"
     r: int | None = None
     schedule: str | None = None
@@ -46,12 +49,23 @@ class ExportOptions:
     trust_pickle: bool = False
     prop_attn: bool = True
     pin_decisions: bool = False
+    build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
+    trt_check: bool = True  # --target trt: TensorRT-readiness check
+    chunk_mb: float | None = None  # --target coreml: weights per chunk (default: the device's limit)
+    ratio: float | None = None  # tomesd: fraction of tokens merged
+    sx: int = 2
+    sy: int = 2
+    max_downsample: int = 1
+    protected: int | None = None  # graph-level insertion: prefix tokens never merged (None: detect)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
     """``1,3,224,224`` or several inputs separated by ``;``."""
     shapes = []
     for part in text.split(";"):
+        if part.strip() == "scalar":  # a 0-dim input, e.g. a diffusion timestep
+            shapes.append(())
+            continue
         try:
             dims = tuple(int(d) for d in part.strip().split(","))
         except ValueError:
@@ -65,9 +79,26 @@ def parse_input_shape(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _tomesd_options(options: ExportOptions) -> tuple[str, dict]:
+    if options.r is not None or options.schedule:
+        raise UserError("method 'tomesd' takes --ratio (fraction of tokens merged), not --r/--schedule")
+    ratio = 0.5 if options.ratio is None else options.ratio
+    check_tomesd_options(ratio, options.sx, options.sy, options.max_downsample)  # before loading the model
+    opts = {"ratio": ratio, "sx": options.sx, "sy": options.sy, "max_downsample": options.max_downsample}
+    return "tomesd", opts
+
+
+# Methods whose CLI options differ from ToMe's r/schedule.
+METHOD_OPTION_PARSERS = {"tomesd": _tomesd_options}
+
+
 def _method_options(options: ExportOptions) -> tuple[str, dict]:
     if options.method not in METHODS:
         raise UserError(f"unknown method {options.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    if options.method in METHOD_OPTION_PARSERS:
+        return METHOD_OPTION_PARSERS[options.method](options)
+    if options.ratio is not None:
+        raise UserError(f"--ratio applies to method 'tomesd', not {options.method!r}")
     if options.method != "tome":
         if options.r is not None or options.schedule:
             raise UserError(f"--r/--schedule apply to method 'tome', not {options.method!r}")
@@ -87,6 +118,8 @@ def _method_options(options: ExportOptions) -> tuple[str, dict]:
 def default_out(name: str, method: str, method_opts: dict, target: str) -> Path:
     if method == "tome":
         tag = f"tome-r{method_opts['r']}" if "r" in method_opts else "tome-schedule"
+    elif method == "tomesd":
+        tag = f"tomesd-{method_opts['ratio']:g}"
     else:
         tag = method
     return Path(f"{name}-{tag}-{target}")
@@ -96,16 +129,17 @@ def _merge_manifest(model: nn.Module, method: str) -> dict:
     state = merge_state(model)
     if state is None or method == "none":
         return {"method": "none", "r_per_layer": [], "tokens_per_layer": []}
-    return state.info()
+    return {"insertion": "eager", **state.info()}
 
 
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
     """Run the whole export; returns (bundle path, manifest). Raises UserError on bad input."""
     progress = progress or Progress(quiet=True)
-    target = get_target(options.target)
     device = get_device(options.device or "cpu")
+    target = get_target(options.target or device.default_target)
     lowering = options.lowering or (device.lowering if device.lowering in target.lowerings else target.default_lowering)
-    get_lowering(lowering)
+    if target.uses_onnx_lowering:
+        get_lowering(lowering)
     if lowering not in target.lowerings:
         raise UserError(
             f"target {target.name!r} cannot run lowering {lowering!r}; use one of {', '.join(target.lowerings)}"
@@ -115,14 +149,21 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         input_shapes = parse_input_shape(options.input_shape)
     loaded = load_model(options.model, options.weights, options.trust_pickle)
     if options.input_shape is None:
-        if loaded.default_input_shape is None:
+        input_shapes = default_input_shapes(loaded.module) or (
+            [loaded.default_input_shape] if loaded.default_input_shape else None
+        )
+        if input_shapes is None:
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
-        input_shapes = [loaded.default_input_shape]
-    model = apply(loaded.module, method, **method_opts)
+    if method == "tome" and (loaded.program is not None or not has_patcher(loaded.module)):
+        model = insert_for_export(loaded, method_opts, input_shapes, options.protected, progress)
+    elif options.protected is not None:
+        raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
+    else:
+        model = apply(loaded.module, method, **method_opts)
     out = Path(options.out) if options.out else default_out(loaded.name, method, method_opts, target.name)
     try:
         with torch.no_grad():
-            model(*[torch.zeros(s) for s in input_shapes])
+            model(*make_inputs(model, input_shapes, 0))
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{options.model} rejects input shape {input_shapes}: {first}") from None
@@ -132,12 +173,13 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             {
                 "tome_export_version": __version__,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "source": {"model": options.model, "class": type(model).__name__},
+                "source": {"model": options.model, "class": type(model).__name__, "weights": options.weights},
                 "target": target.name,
                 "device": device.name,
                 "lowering": lowering,
                 "opset": options.opset,
-                "precision": "fp32",
+                "precision": device.precision if target.name != "onnx" else "fp32",
+                "preprocessing": preprocessing_for(loaded.module, input_shapes),
                 "merge": _merge_manifest(model, method),
             }
         )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tome_export.inputs import make_inputs
 from tome_export.merging import merge_state
 from tome_export.merging.pinning import forced_decisions
 
@@ -97,7 +98,7 @@ def verify(
     agreement = [1.0] * len(decision_names)
     seeds = list(seeds)
     for seed in seeds:
-        inputs = random_inputs(input_shapes, seed)
+        inputs = make_inputs(model, input_shapes, seed)
         with torch.no_grad():
             eager = model(*inputs)
         eager_outs = list(eager) if isinstance(eager, (tuple, list)) else [eager]

@@ -25,6 +25,10 @@ class DeviceProfile:
     memory_budget_mb: int | None = None
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
+    def get(self, key: str, default=None):
+        """A device-specific fact from the profile (DLA cores, JetPack version, chunk limit…)."""
+        return self.extra.get(key, default)
+
     def to_dict(self) -> dict:
         base = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
         base["providers"] = list(self.providers)

@@ -3,15 +3,22 @@
 - ``timm:NAME``: random init, or ``--weights FILE`` (a state dict, loaded weights-only);
 - ``package.module:factory``: a callable returning an ``nn.Module`` (cwd is importable);
 - ``FILE.pt``: a pickled ``nn.Module`` — refused unless ``trust_pickle``, since
-  unpickling runs code from the file.
+  unpickling runs code from the file;
+- ``FILE.pt2``: a ``torch.export.save`` archive → an ``ExportedProgram``. Its graph is JSON
+  and its tensors raw bytes; the archive is checked first for the parts that
+  ``torch.export.load`` would unpickle (tensor subclasses, script/opaque objects, legacy
+  ``.pt`` members, sample inputs that need full unpickling), refused unless ``trust_pickle``.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
+import json
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +28,29 @@ from torch import nn
 from tome_export.errors import UserError
 
 
+class ExportedModule(nn.Module):
+    """The runnable module of a loaded ``.pt2``; frozen in inference mode."""
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.graph_module = program.module()
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        # ExportedProgram.module() refuses train()/eval(); the graph is inference-only anyway.
+        self.training = mode
+        return self
+
+
 @dataclass
 class LoadedModel:
     module: nn.Module
     name: str  # short name for default output paths
     source: str  # the MODEL argument as given
     default_input_shape: tuple[int, ...] | None
+    program: torch.export.ExportedProgram | None = None  # set for a .pt2 MODEL
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -99,6 +123,8 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module:
         raise UserError(f"model file {path} does not exist")
     if not file.is_file():
         raise UserError(f"{path} is not a file")
+    if not zipfile.is_zipfile(file):
+        raise UserError(f"{path} is not a PyTorch file (torch.save of an nn.Module)")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -118,8 +144,69 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module:
     return obj
 
 
+def _pt2_pickled_members(archive: zipfile.ZipFile) -> list[str]:
+    """Members of a .pt2 archive that ``torch.export.load`` would unpickle."""
+    unsafe = []
+    for name in archive.namelist():
+        if name.endswith(("_weights_config.json", "_constants_config.json")):
+            for fqn, payload in json.loads(archive.read(name)).get("config", {}).items():
+                kind = payload.get("path_name", "")
+                if payload.get("use_pickle") or kind.startswith(("custom_obj_", "opaque_obj_")):
+                    unsafe.append(fqn)
+        elif name.endswith(".pt"):  # sample inputs or legacy weights: must load weights-only
+            try:
+                torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+            except Exception:
+                unsafe.append(name.split("/", 1)[-1])
+    return unsafe
+
+
+def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"model file {path} does not exist")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            unsafe = _pt2_pickled_members(archive)
+    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError):
+        raise UserError(f"{path} is not a torch.export archive (save one with torch.export.save)") from None
+    if unsafe and not trust_pickle:
+        raise UserError(
+            f"{path} holds pickled objects ({', '.join(unsafe[:3])}); loading them runs code from the file. "
+            "Pass --trust-pickle if you trust its source"
+        )
+    from tome_export.merging import ops  # noqa: F401  (graphs may hold tome_export ops)
+
+    try:
+        return torch.export.load(str(file))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load {path} with torch.export.load: {first}") from None
+
+
+def program_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ...] | None:
+    """The static shape of a program's only tensor input, if it has exactly one."""
+    specs = [s for s in program.graph_signature.input_specs if s.kind == s.kind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    shapes = []
+    for spec in specs:
+        value = nodes[spec.arg.name].meta.get("val") if hasattr(spec.arg, "name") else None
+        if not isinstance(value, torch.Tensor):
+            return None
+        try:
+            shapes.append(tuple(int(d) for d in value.shape))
+        except TypeError:  # a dynamic dimension
+            return None
+    return shapes[0] if len(shapes) == 1 else None
+
+
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
     """Load MODEL as the CLI accepts it. Raises UserError with a one-line reason."""
+    if spec.endswith(".pt2") and (Path(spec).exists() or ":" not in spec):
+        if weights:
+            raise UserError("--weights does not apply to a .pt2 archive: it carries its own weights")
+        program = _from_pt2(spec, trust_pickle)
+        return LoadedModel(ExportedModule(program), Path(spec).stem, spec, program_input_shape(program), program)
     if spec.startswith("timm:"):
         name = spec[len("timm:") :]
         module, short = _from_timm(name, weights), name

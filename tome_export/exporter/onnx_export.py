@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from tome_export.exporter import aten_fixes, lowerings
+from tome_export.exporter import aten_fixes, lowerings, tomesd_lowering, tracer  # noqa: F401  (tomesd translations)
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.merging import merge_state
 from tome_export.merging.ops import merge_op_overloads
@@ -68,6 +68,7 @@ def translation_table(lowering: str) -> dict:
         if qualified in chosen.translations:
             table[overload] = chosen.translations[qualified]
     table.update(aten_fixes.translation_table())
+    table.update(tracer.translation_table())
     return table
 
 
@@ -106,9 +107,11 @@ def export_onnx(
     start = len(aten_fixes.REWRITES)
     notes_start = len(lowerings.LOWERING_NOTES)
     with _quiet():
+        exported_program = torch.export.export(_WithDecisions(model), tuple(example_inputs), strict=False)
+        tracer_rewrites = tracer.rewrite_program(exported_program)
         program = torch.onnx.export(
-            _WithDecisions(model),
-            example_inputs,
+            exported_program,
+            tuple(example_inputs),
             dynamo=True,
             opset_version=opset,
             input_names=input_names,
@@ -127,7 +130,7 @@ def export_onnx(
         input_names=input_names,
         output_names=output_names,
         decision_names=decision_names,
-        rewrites=list(aten_fixes.REWRITES[start:]),
+        rewrites=tracer_rewrites + list(aten_fixes.REWRITES[start:]),
         lowering_notes=list(lowerings.LOWERING_NOTES[notes_start:]),
         custom_domains=sorted({o.domain for o in shipped.opset_import} & set(get_lowering(lowering).custom_domains)),
     )

@@ -13,6 +13,7 @@ from torch import nn
 from tome_export.errors import UserError
 from tome_export.merging import ops  # noqa: F401  (registers the custom ops)
 from tome_export.merging.tome import apply_tome, merge_state
+from tome_export.merging.tomesd import apply_tomesd
 
 METHODS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -31,6 +32,7 @@ def _apply_none(model: nn.Module, **options) -> nn.Module:
 
 
 register_method("tome")(apply_tome)
+register_method("tomesd")(apply_tomesd)
 
 
 def apply(model: nn.Module, method: str = "tome", **options) -> nn.Module:

@@ -38,8 +38,9 @@ class ExportContext:
     manifest: dict = field(default_factory=dict)
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        generator = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(*s, generator=generator) for s in self.input_shapes)
+        from tome_export.inputs import make_inputs
+
+        return make_inputs(self.model, self.input_shapes, seed)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Target:
     default_lowering: str
     lowerings: tuple[str, ...]
     build: Callable[[ExportContext], None]
+    uses_onnx_lowering: bool = True  # False: the target lowers merges itself (Core ML: dense torch ops)
 
 
 TARGETS: dict[str, Target] = {}
@@ -66,7 +68,7 @@ def get_target(name: str) -> Target:
 
 
 def _register_builtin_targets() -> None:
-    from tome_export.targets import onnx  # noqa: F401
+    from tome_export.targets import coreml, onnx, tensorrt  # noqa: F401
 
 
 _register_builtin_targets()

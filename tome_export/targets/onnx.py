@@ -31,7 +31,9 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
 
 
-def export_and_verify_onnx(ctx: ExportContext, filename: str = "model.onnx", providers=("CPUExecutionProvider",)):
+def export_and_verify_onnx(
+    ctx: ExportContext, filename: str = "model.onnx", providers=("CPUExecutionProvider",), make_runner=None
+):
     """Export with the context's lowering, save, verify on ONNX Runtime; fills the manifest."""
     from tome_export.exporter.onnx_export import export_onnx
     from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
@@ -40,6 +42,8 @@ def export_and_verify_onnx(ctx: ExportContext, filename: str = "model.onnx", pro
     with ctx.progress.step(f"exporting to ONNX (lowering {ctx.lowering}, opset {ctx.options.opset})"):
         exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
     save_onnx(exported.model, ctx.bundle_dir / filename)
+    for rewrite in exported.rewrites:
+        ctx.progress.say(f"rewrote {rewrite.get('node', rewrite['op'])} ({rewrite['op']}) → {rewrite['became']}")
     graph = exported.model.graph
     ctx.manifest.update(
         {
@@ -59,7 +63,10 @@ def export_and_verify_onnx(ctx: ExportContext, filename: str = "model.onnx", pro
         ctx.manifest["verification"] = {"skipped": True}
         return exported
     with ctx.progress.step(f"verifying on ONNX Runtime against eager PyTorch ({ctx.options.seeds} seeds)"):
-        runner = OnnxRuntimeRunner(exported.with_decisions, providers=tuple(providers))
+        if make_runner is not None:
+            runner = make_runner(exported.with_decisions)
+        else:
+            runner = OnnxRuntimeRunner(exported.with_decisions, providers=tuple(providers))
         result = verify(
             ctx.model,
             runner.run,
@@ -79,12 +86,38 @@ def export_and_verify_onnx(ctx: ExportContext, filename: str = "model.onnx", pro
     return exported
 
 
+def build_onnx(ctx: ExportContext):
+    """CPU by default; ``--device nvidia-*``: CUDA EP with CUDA graphs (see runtimes/ort_cuda.py)."""
+    if ctx.device.kind != "nvidia":
+        return export_and_verify_onnx(ctx)
+    from tome_export.runtimes.ort_cuda import CudaGraphRunner, require_cuda_provider
+
+    require_cuda_provider()  # before any work: exit 3 with the install hint
+    runners = []
+
+    def make_runner(model):
+        # TF32 off while verifying: it flips near-tie merge decisions (see DESIGN.md).
+        runners.append(CudaGraphRunner(model, cuda_graph=True, tf32=False))
+        return runners[-1]
+
+    exported = export_and_verify_onnx(ctx, make_runner=make_runner)
+    runner = runners[0] if runners else None
+    ctx.manifest["onnxruntime"] = {
+        "provider": "CUDAExecutionProvider",
+        "static_shapes": True,
+        "cuda_graph": runner.cuda_graph if runner else None,
+        "cuda_graph_fallback": getattr(runner, "fallback_reason", None),
+        "session_options": {"enable_cuda_graph": "1", "use_tf32": "0 while verifying"},
+    }
+    return exported
+
+
 register_target(
     Target(
         name="onnx",
         description="ONNX graph verified on ONNX Runtime (CPU; CUDA with --device nvidia-*)",
         default_lowering="scatter",
         lowerings=("scatter", "dense", "plugin"),
-        build=export_and_verify_onnx,
+        build=build_onnx,
     )
 )

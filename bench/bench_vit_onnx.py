@@ -1,0 +1,131 @@
+"""ONNX Runtime CPU latency of ToMe ViT-S/16 exports at several r, next to eager and FLOPs.
+
+Exports the reference ViT-S/16 (samples/) and timm's vit_small_patch16_224 (random
+weights; skipped without timm) at r in {0, 8, 13, 16}, then times every variant
+interleaved in one process (warm-up, then the median of --runs runs). Prints one JSON
+object last. Usage: python bench/bench_vit_onnx.py [--runs 30] [--models reference,timm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tome_export  # noqa: E402
+from bench.flops import vit_flops  # noqa: E402
+from samples.reference_vit import vit_small_patch16_224  # noqa: E402
+from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
+
+R_VALUES = (0, 8, 13, 16)
+
+
+def build(name: str):
+    if name == "reference":
+        return vit_small_patch16_224()
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+
+
+def time_once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--models", default="reference,timm")
+    args = parser.parse_args()
+    x = torch.randn(1, 3, 224, 224)
+    variants = []
+    for model_name in args.models.split(","):
+        if model_name == "timm":
+            try:
+                import timm  # noqa: F401
+            except ImportError:
+                print("timm not installed: skipping timm model", file=sys.stderr)
+                continue
+        for r in R_VALUES:
+            model = build(model_name)
+            tome_export.apply(model, method="tome", r=r)
+            exported = export_onnx(model, (x,))
+            with torch.no_grad():
+                want = model(x)
+            state = model._tome_state
+            session = ort.InferenceSession(exported.model.SerializeToString(), providers=["CPUExecutionProvider"])
+            feeds = {exported.input_names[0]: x.numpy()}
+            err = float((torch.from_numpy(session.run(None, feeds)[0]) - want).abs().max())
+            dim = model.blocks[0].norm1.normalized_shape[0]
+            variants.append(
+                {
+                    "model": model_name,
+                    "r": r,
+                    "session": session,
+                    "feeds": feeds,
+                    "eager": model,
+                    "flops": vit_flops(state.tokens_per_layer, state.r_per_layer, dim),
+                    "max_abs_err": err,
+                    "ort_ms": [],
+                    "eager_ms": [],
+                }
+            )
+            print(f"exported {model_name} r={r} (max abs err {err:.2e})", file=sys.stderr)
+    with torch.no_grad():
+        for round_index in range(args.warmup + args.runs):
+            for v in variants:  # interleaved: every variant sees the same machine load
+                ort_ms = time_once(lambda v=v: v["session"].run(None, v["feeds"]))
+                eager_ms = time_once(lambda v=v: v["eager"](x))
+                if round_index >= args.warmup:
+                    v["ort_ms"].append(ort_ms)
+                    v["eager_ms"].append(eager_ms)
+    results = {}
+    for model_name in dict.fromkeys(v["model"] for v in variants):
+        rows = [v for v in variants if v["model"] == model_name]
+        base = next(v for v in rows if v["r"] == 0)
+        base_ms, base_flops = statistics.median(base["ort_ms"]), base["flops"]
+        per_r = {}
+        for v in rows:
+            ort_ms, eager_ms = statistics.median(v["ort_ms"]), statistics.median(v["eager_ms"])
+            speedup, flop_ratio = base_ms / ort_ms, base_flops / v["flops"]
+            per_r[str(v["r"])] = {
+                "ort_cpu_ms": round(ort_ms, 2),
+                "ort_cpu_p90_ms": round(statistics.quantiles(v["ort_ms"], n=10)[-1], 2),
+                "speedup_vs_r0": round(speedup, 3),
+                "flop_ratio": round(flop_ratio, 3),
+                "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
+                "eager_ms": round(eager_ms, 2),
+                "ort_speedup_vs_eager": round(eager_ms / ort_ms, 3),
+                "max_abs_err_vs_eager": v["max_abs_err"],
+            }
+        results[model_name] = per_r
+    print(
+        json.dumps(
+            {
+                "bench": "vit_onnx_cpu",
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+                "onnxruntime": ort.__version__,
+                "torch": torch.__version__,
+                "runs": args.runs,
+                "results": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

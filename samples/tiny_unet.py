@@ -1,0 +1,73 @@
+"""A tiny random-weight diffusers ``UNet2DConditionModel`` for fast diffusion tests.
+
+``tiny_unet`` returns the UNet wrapped so it takes ``(sample, timestep,
+encoder_hidden_states)`` positionally and returns the predicted noise tensor (not a
+``UNet2DConditionOutput``). The wrapper declares its inputs with ``tome_input_specs``:
+the timestep is an int64 in [0, 1000), as a scheduler would pass it.
+
+    tome-export samples.tiny_unet:tiny_unet --method tomesd --ratio 0.5
+    tome-export samples.tiny_unet:tiny_unet_pypi_tomesd --method none
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SAMPLE_SIZE = 16
+CROSS_DIM = 32
+TEXT_TOKENS = 8
+
+
+def tiny_unet_config(sample_size: int = SAMPLE_SIZE) -> dict:
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def raw_tiny_unet(sample_size: int = SAMPLE_SIZE, seed: int = 0) -> nn.Module:
+    """The bare diffusers model (what tomesd from PyPI patches)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_unet_config(sample_size)).eval()
+
+
+class UNetNoise(nn.Module):
+    """``unet(sample, timestep, encoder_hidden_states)`` → noise prediction tensor."""
+
+    def __init__(self, unet: nn.Module, batch: int = 1) -> None:
+        super().__init__()
+        self.unet = unet
+        size = unet.config.sample_size
+        self.default_input_shapes = [(batch, 4, size, size), (batch,), (batch, TEXT_TOKENS, CROSS_DIM)]
+        self.tome_input_specs = [None, {"dtype": "int64", "low": 0, "high": 1000}, None]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def tiny_unet() -> nn.Module:
+    return UNetNoise(raw_tiny_unet()).eval()
+
+
+def tiny_unet_pypi_tomesd() -> nn.Module:
+    """The tiny UNet patched by tomesd from PyPI (someone else's merge code).
+
+    ``use_rand=False``: tomesd's random destinations change on every call, so no fixed
+    graph reproduces them. Export with ``--method none`` (the merging is already there);
+    the tracer rewrites tomesd's ``scatter_reduce(mean)`` and unstable argsorts."""
+    import tomesd
+
+    unet = raw_tiny_unet()
+    tomesd.apply_patch(unet, ratio=0.5, use_rand=False)
+    return UNetNoise(unet).eval()

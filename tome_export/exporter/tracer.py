@@ -1,0 +1,192 @@
+"""Tracer pass: rewrite foreign token-merging code in a torch.export graph before ONNX.
+
+Models patched by other people's code (tomesd from PyPI, the official ToMe patch, a
+hand-written merge) reach the exporter as plain ATen graphs. Some of their ops export
+wrongly — ``scatter_reduce(reduce="mean")`` becomes an overwrite in onnxscript's table,
+``include_self=False`` is mishandled — so this pass rewrites them, in the
+``ExportedProgram`` graph and every nested graph (``torch.no_grad()`` regions become
+``wrap_with_set_grad_enabled`` subgraphs), into exact ATen equivalents that every
+exporter translates correctly:
+
+- ``scatter_reduce`` sum/mean → ``scatter_add`` of the values and of a count of writes
+  per position, ``where`` for positions nothing was written to, a divide for mean;
+- ``scatter_reduce`` prod/amax/amin with ``include_self=False`` → the same op with
+  ``include_self=True`` from a start tensor holding the reduction's identity where
+  something is written (ONNX ScatterElements mul/max/min);
+- ``sort``/``argsort`` with ``stable=False`` (ToMe's and tomesd's edge ordering) → the
+  stable variant: ties in an unstable sort may come in any order, and the stable order is
+  the one ONNX TopK produces (lower index first), so the rewritten graph says what the
+  exported graph does.
+
+Each rewrite is reported (node, op, what it became). What cannot be rewritten exactly —
+``mean`` over an integer tensor (PyTorch floors), an unknown reduction — is refused with
+a :class:`UserError` naming the node.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from tome_export.errors import UserError
+
+aten = torch.ops.aten
+
+Rewriter = Callable[[fx.Graph, fx.Node], "dict | None"]
+REWRITERS: dict = {}
+
+
+def register_rewriter(*targets):
+    """Decorator: rewrite nodes calling any of ``targets`` (ATen overloads)."""
+
+    def decorator(fn: Rewriter) -> Rewriter:
+        for target in targets:
+            REWRITERS[target] = fn
+        return fn
+
+    return decorator
+
+
+def _fake(value):
+    return value.meta["val"] if isinstance(value, fx.Node) else value
+
+
+def _emit(graph: fx.Graph, origin: fx.Node, target, *args, **kwargs) -> fx.Node:
+    """Insert ``target(*args)`` before ``origin`` with its fake value computed, as export does."""
+    node = graph.call_function(target, args, kwargs)
+    fake_mode = origin.meta["val"].fake_mode
+    with fake_mode:
+        node.meta["val"] = target(*[_fake(a) for a in args], **{k: _fake(v) for k, v in kwargs.items()})
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):
+        if key in origin.meta:
+            node.meta[key] = origin.meta[key]
+    return node
+
+
+def _where_it(node: fx.Node) -> str:
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    return f" ({trace[-1].strip()})" if trace else ""
+
+
+_IDENTITY = {"prod": 1, "amax": -math.inf, "amin": math.inf}
+
+
+def _identity(reduce: str, dtype: torch.dtype):
+    value = _IDENTITY[reduce]
+    if dtype.is_floating_point or value == 1:
+        return value
+    info = torch.iinfo(dtype)  # integer max/min: their exact identities
+    return info.min if reduce == "amax" else info.max
+
+
+@register_rewriter(aten.scatter_reduce.two)
+def _scatter_reduce(graph: fx.Graph, node: fx.Node) -> dict | None:
+    start, dim, index, src, reduce = node.args[:5]
+    include_self = bool(node.kwargs.get("include_self", node.args[5] if len(node.args) > 5 else True))
+    dtype = node.meta["val"].dtype
+    if reduce not in ("sum", "mean", "prod", "amax", "amin"):
+        raise UserError(f"node {node.name}: scatter_reduce reduce={reduce!r} has no exact rewrite{_where_it(node)}")
+    if reduce == "mean" and not dtype.is_floating_point:
+        raise UserError(
+            f"node {node.name}: scatter_reduce mean over {dtype} rounds down in PyTorch and has no exact ONNX "
+            f"form; cast the tensor to float before merging{_where_it(node)}"
+        )
+    if dtype == torch.bool:
+        raise UserError(f"node {node.name}: scatter_reduce over bool tensors is not rewritten{_where_it(node)}")
+    if reduce in ("prod", "amax", "amin") and include_self:
+        return None  # ScatterElements(mul/max/min) is exact: aten_fixes translates it
+    with graph.inserting_before(node):
+        zeros = _emit(graph, node, aten.zeros_like.default, start)
+        ones = _emit(graph, node, aten.ones_like.default, src)
+        counts = _emit(graph, node, aten.scatter_add.default, zeros, dim, index, ones)
+        written = _emit(graph, node, aten.gt.Scalar, counts, 0)
+        if reduce in ("sum", "mean"):
+            begin = start if include_self else _emit(graph, node, aten.where.self, written, zeros, start)
+            sums = _emit(graph, node, aten.scatter_add.default, begin, dim, index, src)
+            if reduce == "sum":
+                out, became = sums, "scatter_add"
+            else:
+                denominator = _emit(graph, node, aten.add.Tensor, counts, 1) if include_self else counts
+                divided = _emit(graph, node, aten.div.Tensor, sums, denominator)
+                out = _emit(graph, node, aten.where.self, written, divided, start)
+                became = "scatter_add of values and of write counts, div, where"
+            if not include_self and reduce == "sum":
+                became += " from a where-masked start"
+        else:
+            identity = _emit(graph, node, aten.full_like.default, start, _identity(reduce, dtype))
+            begin = _emit(graph, node, aten.where.self, written, identity, start)
+            out = _emit(graph, node, aten.scatter_reduce.two, begin, dim, index, src, reduce, include_self=True)
+            became = (
+                f"scatter_reduce({reduce}, include_self=True) from a where-masked start (identity {identity.args[1]})"
+            )
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return {"op": "aten.scatter_reduce.two", "reduce": reduce, "include_self": include_self, "became": became}
+
+
+@register_rewriter(aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable)
+def _unstable_sort(graph: fx.Graph, node: fx.Node) -> dict | None:
+    if node.target in (aten.sort.stable, aten.argsort.stable) and node.kwargs.get("stable"):
+        return None
+    x = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
+    name = "sort" if node.target in (aten.sort.default, aten.sort.stable) else "argsort"
+    stable_op = aten.sort.stable if name == "sort" else aten.argsort.stable
+    node.target, node.args, node.kwargs = stable_op, (x,), {"stable": True, "dim": dim, "descending": descending}
+    return {
+        "op": f"aten.{name}",
+        "became": f"{name}(stable=True): ties in ONNX TopK order (lower index first); "
+        "eager PyTorch's unstable order may differ on exact ties",
+    }
+
+
+def _graphs(program: torch.export.ExportedProgram) -> list[fx.GraphModule]:
+    return [m for m in program.graph_module.modules() if isinstance(m, fx.GraphModule)]
+
+
+def rewrite_program(program: torch.export.ExportedProgram) -> list[dict]:
+    """Rewrite ``program`` in place; returns one record per rewritten node.
+
+    One rewriter after another (registration order: merge arithmetic first, then sorts),
+    each over every graph, so the records come grouped by kind."""
+    rewrites, changed = [], set()
+    modules = _graphs(program)
+    for rewriter in dict.fromkeys(REWRITERS.values()):
+        for module in modules:
+            for node in list(module.graph.nodes):
+                if node.op != "call_function" or REWRITERS.get(node.target) is not rewriter:
+                    continue
+                name = node.name
+                record = rewriter(module.graph, node)
+                if record is not None:
+                    rewrites.append({"pass": "tracer", "node": name, **record})
+                    changed.add(module)
+    for module in changed:
+        module.graph.lint()
+        module.recompile()
+    return rewrites
+
+
+def rewritten_targets() -> list[str]:
+    return sorted(str(t) for t in REWRITERS)
+
+
+# -- ONNX translation of what the rewrites emit ----------------------------------------
+
+
+def _sort_stable_onnx(x, stable: bool = False, dim: int = -1, descending: bool = False):
+    """aten.sort.stable → TopK over the whole axis: ONNX TopK orders ties lower index first."""
+    from onnxscript import opset18 as op
+
+    length = int(x.shape[dim])
+    values, indices = op.TopK(x, op.Constant(value_ints=[length]), axis=dim, largest=int(descending), sorted=1)
+    return values, indices
+
+
+def translation_table() -> dict:
+    """ATen overloads the rewritten graphs contain that onnxscript does not translate."""
+    return {aten.sort.stable: _sort_stable_onnx}
