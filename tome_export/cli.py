@@ -53,6 +53,11 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
+@click.option(
+    "--pin-decisions",
+    is_flag=True,
+    help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",
+)
 @click.option("--build-engine", is_flag=True, help="--target trt: require a TensorRT engine (exit 3 without TensorRT).")
 @click.option("--no-trt-check", is_flag=True, help="--target trt: skip the TensorRT-readiness check.")
 @click.option("--chunk-mb", type=float, default=None, help="--target coreml: max weights per model chunk (MB).")
@@ -89,6 +94,7 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    pin_decisions,
     build_engine,
     no_trt_check,
     chunk_mb,
@@ -125,6 +131,7 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        pin_decisions=pin_decisions,
         build_engine=build_engine,
         trt_check=not no_trt_check,
         chunk_mb=chunk_mb,

@@ -49,6 +49,7 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    pin_decisions: bool = False
     build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
     trt_check: bool = True  # --target trt: TensorRT-readiness check
     chunk_mb: float | None = None  # --target coreml: weights per chunk (default: the device's limit)

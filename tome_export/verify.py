@@ -4,6 +4,13 @@ Merge decisions are discrete: a near-tie can flip under TF32 or fp16 and then ou
 differ a lot although nothing is wrong with the lowering. So every comparison reports
 decision agreement (the fraction of tokens whose output slot matches) per merging layer
 next to the output error.
+
+With ``pin_decisions`` the eager model runs a second time with the merge decisions read
+back from the exported graph's slot outputs (``merging.pinning``), and the result says
+which of these it is: ``match`` (no pin needed), ``decision_flip`` (error vanishes when
+pinned and the backend's decisions are near-ties in eager's scores: the lowering is
+right), ``wrong_decisions`` (pinned outputs agree but the backend chose edges eager
+scores clearly worse: its matching is wrong), ``lowering_error`` (error stays when pinned).
 """
 
 from __future__ import annotations
@@ -17,6 +24,11 @@ from torch import nn
 
 from tome_export.inputs import make_inputs
 from tome_export.merging import merge_state
+from tome_export.merging.pinning import forced_decisions
+
+# Largest drop in eager cosine similarity a pinned decision may cost and still count as
+# a near-tie: fp16 rounds a cosine in [-1, 1] by up to ~5e-4, TF32 dot products by ~1e-3.
+DEFAULT_TIE_TOL = 5e-3
 
 
 @dataclass
@@ -29,6 +41,8 @@ class Verification:
     decision_agreement: list[float] = field(default_factory=list)  # per merging layer, worst seed
     seeds: list[int] = field(default_factory=list)
     runtime: str = "onnxruntime"
+    # Filled with pin_decisions: {"max_abs_err", "cosine", "max_tie_gap", "tie_tol", "diagnosis"}
+    pinned: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,11 +50,17 @@ class Verification:
     def summary(self) -> str:
         agreement = min(self.decision_agreement) if self.decision_agreement else 1.0
         verdict = "passed" if self.passed else "FAILED"
-        return (
+        text = (
             f"verification {verdict}: max abs err {self.max_abs_err:.3g} on {self.worst_output!r} "
             f"(tolerance {self.atol:g}), cosine {self.cosine:.6f}, "
             f"merge decisions agree {agreement:.2%} (worst layer)"
         )
+        if self.pinned is not None:
+            text += (
+                f"; pinned to the backend's decisions: max abs err {self.pinned['max_abs_err']:.3g}, "
+                f"largest tie gap {self.pinned['max_tie_gap']:.2g} → {self.pinned['diagnosis']}"
+            )
+        return text
 
 
 def random_inputs(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
@@ -65,9 +85,16 @@ def verify(
     atol: float = 1e-4,
     on_seed: Callable[[int], None] | None = None,
     runtime: str = "onnxruntime",
+    pin_decisions: bool = False,
+    tie_tol: float = DEFAULT_TIE_TOL,
 ) -> Verification:
-    """Run eager and exported on the same random inputs for each seed and compare."""
+    """Run eager and exported on the same random inputs for each seed and compare.
+
+    ``pin_decisions``: also compare against eager forced to the exported graph's merge
+    decisions (see the module doc); the export then passes when outputs match unpinned,
+    or when they match pinned and every differing decision is a near-tie (≤ ``tie_tol``)."""
     worst_err, worst_output, worst_cos = 0.0, output_names[0], 1.0
+    pinned_err, pinned_cos, max_gap, invalid = 0.0, 1.0, 0.0, None
     agreement = [1.0] * len(decision_names)
     seeds = list(seeds)
     for seed in seeds:
@@ -87,7 +114,43 @@ def verify(
         for layer, name in enumerate(decision_names):
             if layer < len(eager_slots):
                 agreement[layer] = min(agreement[layer], float((got[name] == eager_slots[layer]).mean()))
+        if pin_decisions:
+            try:
+                with torch.no_grad(), forced_decisions([got[name] for name in decision_names]) as forced:
+                    pinned = model(*inputs)
+            except ValueError as exc:  # the graph's slot maps are no merge decision at all
+                invalid = str(exc)
+            else:
+                max_gap = max([max_gap, *forced.tie_gaps])
+                pinned_outs = list(pinned) if isinstance(pinned, (tuple, list)) else [pinned]
+                for name, ref in zip(output_names, pinned_outs):
+                    ref = ref.detach().numpy()
+                    err = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0
+                    pinned_err = err if np.isnan(err) else max(pinned_err, err)
+                    pinned_cos = min(pinned_cos, cosine(got[name], ref))
         if on_seed:
             on_seed(seed)
     passed = bool(worst_err <= atol)
-    return Verification(passed, atol, worst_err, worst_cos, worst_output, agreement, seeds, runtime)
+    pinned_report = None
+    if pin_decisions:
+        if invalid is not None:
+            diagnosis = "lowering_error"
+        elif passed:
+            diagnosis = "match"
+        elif not pinned_err <= atol:
+            diagnosis = "lowering_error"
+        elif max_gap > tie_tol:
+            diagnosis = "wrong_decisions"
+        else:
+            diagnosis = "decision_flip"
+        pinned_report = {
+            "max_abs_err": float("nan") if invalid else pinned_err,
+            "cosine": float("nan") if invalid else pinned_cos,
+            "max_tie_gap": max_gap,
+            "tie_tol": tie_tol,
+            "diagnosis": diagnosis,
+        }
+        if invalid:
+            pinned_report["invalid_decisions"] = invalid
+        passed = diagnosis in ("match", "decision_flip")
+    return Verification(passed, atol, worst_err, worst_cos, worst_output, agreement, seeds, runtime, pinned_report)

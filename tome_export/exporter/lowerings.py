@@ -3,8 +3,12 @@
 A lowering turns ``tome_export::bipartite_merge`` into ONNX nodes. Shapes are static at
 export time, so the functions read them from their inputs and emit constants.
 
-- ``scatter``: GatherElements + ScatterElements(reduction="add") on size-weighted values
-  and sizes, then divide — the mean, duplicates included. Best on ONNX Runtime.
+- ``scatter``: GatherElements + ScatterND(reduction="add") of whole rows of size-weighted
+  values and sizes, then divide — the mean, duplicates included. Best on ONNX Runtime
+  (onnx-tensorrt rejects ScatterND with a reduction: TensorRT uses ``dense``).
+- ``dense`` (``dense_lowering.py``): one-hot assignment matrices and MatMul, no Scatter and
+  no GatherElements; O(N²·C), for TensorRT without plugins and the Neural Engine.
+- ``plugin`` (``plugin_lowering.py``): one ``tome_export.BipartiteMerge`` node per merge.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class Lowering:
 
 
 LOWERINGS: dict[str, Lowering] = {}
+
+# What translations want the user to know (e.g. the dense lowering's cost), appended at
+# export time; ``export_onnx`` hands the new entries to the export log and manifest.
+LOWERING_NOTES: list[dict] = []
 
 
 def register_lowering(lowering: Lowering) -> Lowering:
@@ -116,6 +124,15 @@ def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protecte
         axis=1,
     )
     slot_b = arange_rows(batch, protected + kept, num_b)
+    return interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+
+
+def interleave_slots(slot_a, slot_b, batch: int, num_tokens: int, protected: int):
+    """(B, Na) A-token and (B, Nb) B-token slots → the (B, N) slot map, protected first.
+
+    Concat/Reshape/Slice only, so every lowering (dense included) can share it."""
+    body_tokens = num_tokens - protected
+    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
     if num_a > num_b:
         slot_b = op.Concat(slot_b, op.Expand(op.Constant(value_int=0), ints(batch, 1)), axis=1)
     interleaved = op.Reshape(
@@ -124,6 +141,22 @@ def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protecte
     )
     body = take(interleaved, 0, body_tokens)
     return op.Concat(arange_rows(batch, 0, protected), body, axis=1) if protected else body
+
+
+def no_merge(x, size, batch: int, num_tokens: int, protected: int):
+    """r = 0 as the eager op defines it: nothing merges, but tokens still come out in the
+    merge layout (protected, A tokens, B tokens) and the slot map says so."""
+    body_tokens = num_tokens - protected
+    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+
+    def reorder(t):
+        body = take(t, protected) if protected else t
+        parts = [take(t, 0, protected)] if protected else []
+        return op.Concat(*parts, take(body, 0, step=2), take(body, 1, step=2), axis=1)
+
+    slot_a = arange_rows(batch, protected, num_a)
+    slot_b = arange_rows(batch, protected + num_a, num_b)
+    return reorder(x), reorder(size), interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
 
 
 def finish(merged, x, size, channels: int, protected: int):
@@ -141,6 +174,8 @@ def finish(merged, x, size, channels: int, protected: int):
 
 def merge_scatter(metric, x, size, r: int, protected: int):
     batch, num_tokens, channels = (int(d) for d in x.shape)
+    if r == 0:
+        return no_merge(x, size, batch, num_tokens, protected)
     unm_idx, src_idx, dst_idx = match(metric, r, protected)
     body_x = take(x, protected) if protected else x
     body_size = take(size, protected) if protected else size
@@ -149,7 +184,16 @@ def merge_scatter(metric, x, size, r: int, protected: int):
     width, kept = channels + 1, (num_tokens - protected + 1) // 2 - r
     src = op.GatherElements(za, along_channels(src_idx, batch, r, width), axis=1)
     unm = op.GatherElements(za, along_channels(unm_idx, batch, kept, width), axis=1)
-    dst = op.ScatterElements(zb, along_channels(dst_idx, batch, r, width), src, axis=1, reduction="add")
+    # ScatterND over whole rows: same sums as ScatterElements(add) on every element, but
+    # ~100× faster on ONNX Runtime CPU at N=4096 (0.4 vs 47 ms for 2048 rows of 321).
+    batch_idx = op.Expand(
+        op.Unsqueeze(
+            op.Range(op.Constant(value_int=0), op.Constant(value_int=batch), op.Constant(value_int=1)), ints(1)
+        ),
+        ints(batch, r),
+    )
+    rows = op.Concat(op.Unsqueeze(batch_idx, ints(2)), op.Unsqueeze(dst_idx, ints(2)), axis=2)  # (B, r, 2)
+    dst = op.ScatterND(zb, rows, src, reduction="add")
     merged_x, merged_size = finish(op.Concat(unm, dst, axis=1), x, size, channels, protected)
     slot = slots_graph(unm_idx, src_idx, dst_idx, batch, num_tokens, protected, r)
     return merged_x, merged_size, slot
@@ -158,7 +202,12 @@ def merge_scatter(metric, x, size, r: int, protected: int):
 register_lowering(
     Lowering(
         "scatter",
-        "GatherElements + ScatterElements(add) on size-weighted values, then divide",
+        "GatherElements + ScatterND(add) of size-weighted rows, then divide (ONNX Runtime)",
         {"tome_export::bipartite_merge": merge_scatter},
     )
 )
+
+
+# -- plugin and dense live in their own modules, which register themselves --------------
+
+from tome_export.exporter import dense_lowering, plugin_lowering  # noqa: E402, F401

@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from tome_export.exporter import aten_fixes, tomesd_lowering, tracer  # noqa: F401  (tomesd translations)
+from tome_export.exporter import aten_fixes, lowerings, tomesd_lowering, tracer  # noqa: F401  (tomesd translations)
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.merging import merge_state
 from tome_export.merging.ops import merge_op_overloads
@@ -46,6 +46,8 @@ class OnnxExport:
     output_names: list[str]
     decision_names: list[str]
     rewrites: list[dict] = field(default_factory=list)
+    lowering_notes: list[dict] = field(default_factory=list)  # e.g. the dense lowering's cost per merge
+    custom_domains: list[str] = field(default_factory=list)  # non-ONNX domains the graph needs a runtime for
 
 
 def input_names_for(model: nn.Module, count: int) -> list[str]:
@@ -103,6 +105,7 @@ def export_onnx(
     output_names = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
     decision_names = [f"{DECISION_PREFIX}{i}" for i in range(num_decisions)]
     start = len(aten_fixes.REWRITES)
+    notes_start = len(lowerings.LOWERING_NOTES)
     with _quiet():
         exported_program = torch.export.export(_WithDecisions(model), tuple(example_inputs), strict=False)
         tracer_rewrites = tracer.rewrite_program(exported_program)
@@ -128,4 +131,6 @@ def export_onnx(
         output_names=output_names,
         decision_names=decision_names,
         rewrites=tracer_rewrites + list(aten_fixes.REWRITES[start:]),
+        lowering_notes=list(lowerings.LOWERING_NOTES[notes_start:]),
+        custom_domains=sorted({o.domain for o in shipped.opset_import} & set(get_lowering(lowering).custom_domains)),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tome_export.merging import bipartite
+from tome_export.merging import bipartite, pinning
 
 OP_NAMESPACE = "tome_export"
 
@@ -19,6 +19,12 @@ def bipartite_merge(
     metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe merge of ``x``/``size`` by similarity of ``metric``; returns (x, size, slot)."""
+    forced = pinning.active()
+    if forced is not None:
+        # Decision-pinned verification: merge as the backend decided (see pinning.py).
+        decision = forced.next(metric, r, protected)
+        merged_x, merged_size = bipartite.merge_weighted(decision, x, size)
+        return merged_x, merged_size, bipartite.slots(decision)
     return bipartite.merge_tokens(metric, x, size, r, protected)
 
 

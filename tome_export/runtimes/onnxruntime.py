@@ -8,6 +8,16 @@ import numpy as np
 import onnx
 
 
+def _uses_plugin_domain(model: str | Path | bytes | onnx.ModelProto) -> bool:
+    from tome_export.exporter.plugin_lowering import uses_plugin_domain
+
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    elif not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return uses_plugin_domain(model)
+
+
 class OnnxRuntimeRunner:
     """Loads an ONNX model once and runs it on dicts of numpy arrays."""
 
@@ -19,10 +29,19 @@ class OnnxRuntimeRunner:
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         intra_op_threads: int | None = None,
         profile_prefix: str | None = None,
+        plugin_ops: bool | None = None,
     ) -> None:
+        """``plugin_ops``: register the ``tome_export`` custom-op library (the ``plugin``
+        lowering's nodes); ``None`` registers it when the graph uses that domain."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if plugin_ops is None:
+            plugin_ops = _uses_plugin_domain(model)
+        if plugin_ops:
+            from tome_export.runtimes.ort_custom_ops import custom_ops_library
+
+            options.register_custom_ops_library(custom_ops_library())
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         if profile_prefix:

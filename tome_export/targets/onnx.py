@@ -53,6 +53,12 @@ def export_and_verify_onnx(
             "rewrites": exported.rewrites,
         }
     )
+    if exported.custom_domains:
+        ctx.manifest["custom_domains"] = exported.custom_domains
+    if exported.lowering_notes:
+        ctx.manifest["lowering_notes"] = exported.lowering_notes
+        for note in exported.lowering_notes:
+            ctx.progress.say(note["message"])
     if not ctx.options.verify:
         ctx.manifest["verification"] = {"skipped": True}
         return exported
@@ -71,6 +77,7 @@ def export_and_verify_onnx(
             seeds=range(ctx.options.seeds),
             atol=ctx.options.atol,
             on_seed=ctx.progress.tick,
+            pin_decisions=ctx.options.pin_decisions,
         )
     ctx.manifest["verification"] = result.to_dict()
     ctx.progress.say(result.summary())
@@ -110,7 +117,7 @@ register_target(
         name="onnx",
         description="ONNX graph verified on ONNX Runtime (CPU; CUDA with --device nvidia-*)",
         default_lowering="scatter",
-        lowerings=("scatter",),
+        lowerings=("scatter", "dense", "plugin"),
         build=build_onnx,
     )
 )

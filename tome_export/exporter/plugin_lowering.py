@@ -1,0 +1,82 @@
+"""The ``plugin`` lowering: one custom-domain node per merge.
+
+The node's contract is fixed (the TensorRT plugin and the Triton kernel implement it, and
+``runtimes/ort_custom_ops.py`` implements it for ONNX Runtime):
+
+- domain ``tome_export``, op_type ``BipartiteMerge``, opset version 1 of that domain;
+- inputs ``metric`` (B, N, D) float, ``x`` (B, N, C) float, ``size`` (B, N, 1) float;
+- outputs ``x_out`` (B, N-r, C) float, ``size_out`` (B, N-r, 1) float, ``slot`` (B, N) int64;
+- attributes ``r`` (int), ``protected`` (int), ``mode`` (string, ``"weighted_mean"``).
+
+Semantics: exactly ``tome_export.merging.bipartite.merge_tokens`` (documented in
+docs/lowerings.md).
+"""
+
+from __future__ import annotations
+
+import onnx.defs
+from onnx.defs import OpSchema
+from onnxscript import values
+
+from tome_export.exporter.lowerings import Lowering, register_lowering
+
+PLUGIN_DOMAIN = "tome_export"
+PLUGIN_OP_TYPE = "BipartiteMerge"
+PLUGIN_VERSION = 1
+PLUGIN_MODES = ("weighted_mean",)
+
+
+def plugin_schema() -> OpSchema:
+    """The node's ONNX schema: lets onnxscript build it and the checker validate it."""
+    param = OpSchema.FormalParameter
+    return OpSchema(
+        PLUGIN_OP_TYPE,
+        PLUGIN_DOMAIN,
+        PLUGIN_VERSION,
+        "ToMe bipartite soft matching and size-weighted merge of r tokens (see docs/lowerings.md).",
+        inputs=[param("metric", "T", "(B, N, D)"), param("x", "T", "(B, N, C)"), param("size", "T", "(B, N, 1)")],
+        outputs=[
+            param("x_out", "T", "(B, N - r, C)"),
+            param("size_out", "T", "(B, N - r, 1)"),
+            param("slot", "tensor(int64)", "(B, N): output position of every input token"),
+        ],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
+        attributes=[
+            OpSchema.Attribute("r", OpSchema.AttrType.INT, "tokens merged away"),
+            OpSchema.Attribute("protected", OpSchema.AttrType.INT, "leading tokens that never merge"),
+            OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "'weighted_mean'"),
+        ],
+    )
+
+
+def _register_schema() -> None:
+    if not onnx.defs.has(PLUGIN_OP_TYPE, PLUGIN_DOMAIN):
+        onnx.defs.register_schema(plugin_schema())
+
+
+_register_schema()
+plugin_opset = values.Opset(PLUGIN_DOMAIN, PLUGIN_VERSION)
+
+
+def merge_plugin(metric, x, size, r: int, protected: int):
+    """``tome_export::bipartite_merge`` → one ``tome_export.BipartiteMerge`` node."""
+    return plugin_opset.BipartiteMerge(
+        metric, x, size, r=int(r), protected=int(protected), mode="weighted_mean", _outputs=3
+    )
+
+
+def uses_plugin_domain(model) -> bool:
+    """Whether an ``onnx.ModelProto`` has nodes of the plugin domain (top-level graph)."""
+    return any(node.domain == PLUGIN_DOMAIN for node in model.graph.node) or any(
+        f.domain == PLUGIN_DOMAIN for f in model.functions
+    )
+
+
+register_lowering(
+    Lowering(
+        "plugin",
+        f"one {PLUGIN_DOMAIN}.{PLUGIN_OP_TYPE} custom node per merge (TensorRT plugin, ONNX Runtime custom op)",
+        {"tome_export::bipartite_merge": merge_plugin},
+        custom_domains=(PLUGIN_DOMAIN,),
+    )
+)
