@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ from onnx import TensorProto, helper
 
 import tome_export
 from tome_export.bundle import SCHEMA_VERSION, BundleWriter
-from tome_export.errors import BackendMissing, UserError
+from tome_export.errors import UserError
 
 pytest_plugins = ["tests.bundle_fixtures"]  # the session-wide tiny_bundle fixture
 
@@ -168,23 +167,6 @@ def test_video_app_runs_the_loop(video_bundle, capsys):
     assert video_app.main([str(video_bundle), "--steps", "6"]) == 0
     err = capsys.readouterr().err
     assert err.count("variant merged") == 3 and err.count("variant full") == 3
-
-
-def test_dynamic_loading_is_delegated(video_bundle):
-    manifest = json.loads((video_bundle / "manifest.json").read_text())
-    manifest["dynamic_loading"] = {"blocks": ["full.onnx"]}
-    (video_bundle / "manifest.json").write_text(json.dumps(manifest))
-    if importlib.util.find_spec("tome_export.runtimes.dynamic") is None:
-        with pytest.raises(BackendMissing, match="tome_export.runtimes.dynamic"):
-            tome_export.runtime.load(video_bundle)
-    else:  # merged with the dynamic-loading runner: load must hand the bundle to it
-        from tome_export.runtimes.dynamic import DynamicRunner
-
-        try:
-            runner = tome_export.runtime.load(video_bundle)
-        except (UserError, KeyError, ValueError):
-            return  # our toy manifest lacks that runner's block plan; the delegation happened
-        assert isinstance(runner, DynamicRunner)
 
 
 def test_classify_app_top5_matches_the_session(tiny_bundle, tmp_path, capsys):

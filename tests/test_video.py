@@ -277,6 +277,21 @@ def test_cli_dynamic_blocks_match_unsplit(tdtm_bundle, variant, artifact):
         assert np.array_equal(runner.run(feeds)["output"], expected)
 
 
+def test_runtime_load_picks_the_split_variant_per_step(tdtm_bundle):
+    import tome_export.runtime
+
+    manifest = json.loads((tdtm_bundle / "manifest.json").read_text())
+    feeds = {
+        n: np.random.default_rng(4).standard_normal(s, dtype=np.float32)
+        for n, s in [("x", (1, 32, 4)), ("timestep", (1,)), ("text", (1, 4, 16))]
+    }
+    session = tome_export.runtime.load(tdtm_bundle)
+    first, last = 0, manifest["variants"]["full"]["steps"][0]
+    for step, artifact in ((first, "model_merged.onnx"), (last, "model.onnx")):
+        expected = ort.InferenceSession(str(tdtm_bundle / artifact), block_session_options()).run(None, feeds)[0]
+        assert np.array_equal(session.run(feeds, step=step)["output"], expected)
+
+
 def test_missing_or_modified_block_file_is_a_clear_error(tdtm_bundle, tmp_path):
     import shutil
 

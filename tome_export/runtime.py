@@ -113,6 +113,7 @@ class Session:
 
     def run(self, inputs: Any, step: int | None = None, variant: str | None = None) -> dict[str, np.ndarray]:
         """Run the model; with ``variants`` give the denoising ``step`` (or a variant name)."""
+        holder, variant = self.manifest, None if not self.variants else variant
         if self.variants:
             if variant is None:
                 if step is None:
@@ -122,13 +123,23 @@ class Session:
                 variant = self.variant_for_step(step)
             if variant not in self.variants:
                 raise UserError(f"no variant {variant!r} in {self.bundle_dir}; it has {', '.join(self.variants)}")
-            artifact = self.variants[variant]["artifact"]
-        else:
-            artifact = self.manifest["artifact"]
-        return self._runner(artifact).run(self._feeds(inputs))
+            holder = self.variants[variant]
+        feeds = self._feeds(inputs)
+        # A variant split for dynamic loading has its own blocks; the main artifact's
+        # blocks sit at the manifest's top level.
+        if holder.get("dynamic_loading") or (holder is not self.manifest and self._top_level_blocks(holder)):
+            key = f"dynamic:{variant}"
+            if key not in self._runners:
+                name = variant if holder.get("dynamic_loading") else None
+                self._runners[key] = _dynamic_session(self.bundle_dir, self.manifest, name)
+            return self._runners[key].run(feeds)
+        return self._runner(holder["artifact"]).run(feeds)
+
+    def _top_level_blocks(self, holder: dict) -> bool:
+        return bool(self.manifest.get("dynamic_loading")) and holder.get("artifact") == self.manifest.get("artifact")
 
 
-def _dynamic_session(bundle_dir: Path, manifest: dict):
+def _dynamic_session(bundle_dir: Path, manifest: dict, variant: str | None = None):
     try:
         from tome_export.runtimes.dynamic import DynamicRunner
     except ImportError:
@@ -136,18 +147,16 @@ def _dynamic_session(bundle_dir: Path, manifest: dict):
             f"{bundle_dir} uses dynamic loading (manifest key 'dynamic_loading'), which needs "
             "tome_export.runtimes.dynamic; this tome-export lacks it, upgrade tome-export"
         ) from None
-    return DynamicRunner.from_manifest(bundle_dir, manifest)
+    return DynamicRunner.from_manifest(bundle_dir, manifest, variant=variant)
 
 
 def load(bundle: str | Path, providers: tuple[str, ...] | None = None):
     """Open a bundle folder after checking its manifest and checksums.
 
-    Returns an object with ``.run(inputs)`` (a :class:`Session`, or the dynamic-loading
-    runner when the manifest asks for one)."""
+    Returns a :class:`Session`; ``.run(inputs, step=…)`` picks the TDTM variant for a
+    denoising step and hands split bundles to the dynamic-loading runner."""
     bundle_dir = Path(bundle)
     manifest = verify_bundle(bundle_dir)
-    if manifest.get("dynamic_loading"):
-        return _dynamic_session(bundle_dir, manifest)
     if not manifest.get("artifact") and not manifest.get("variants"):
         raise UserError(f"{bundle_dir}/manifest.json names no artifact to run (key 'artifact' or 'variants')")
     return Session(bundle_dir, manifest, providers)
