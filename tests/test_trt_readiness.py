@@ -20,7 +20,7 @@ from onnx import helper as h
 from tome_export.devices import get_device
 from tome_export.graph_passes.trt_readiness import check_trt_readiness
 from tome_export.merging.bipartite import merge_tokens
-from tome_export.runtimes.ort_merge_op import MergeOpRunner
+from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 from tome_export.targets.tensorrt import mark_plugin_nodes, trtexec_command, write_build_scripts
 
 
@@ -147,7 +147,7 @@ def test_merge_plugin_node_is_ready_with_plugin_and_runs_on_ort_reference():
         "x": rng.standard_normal((2, 17, 6), dtype=np.float32),
         "s": (rng.random((2, 17, 1)) + 0.5).astype(np.float32),
     }
-    got = MergeOpRunner(model).run(feeds)
+    got = OnnxRuntimeRunner(model).run(feeds)
     ref = merge_tokens(*(torch.from_numpy(feeds[k]) for k in "mxs"), 5, 1)
     np.testing.assert_allclose(got["xo"], ref[0].numpy(), atol=1e-6)
     np.testing.assert_array_equal(got["slot"], ref[2].numpy())

@@ -56,7 +56,7 @@ def test_jetson_plugin_bundle(cli, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "trt" and manifest["tensorrt"]["plugins"] == ["tome_export::BipartiteMerge"]
     assert manifest["verification"]["passed"]
-    assert manifest["verification"]["runtime"] == "onnxruntime+reference-merge-op"
+    assert manifest["verification"]["runtime"] == "onnxruntime CPU + reference merge op"
     assert "--merge-plugin" in (out / "build_engine.sh").read_text()
     assert (out / "tome_merge_plugin.py").is_file() and (out / "triton_merge.py").is_file()
     assert "built on the device" in done.stderr

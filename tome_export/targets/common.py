@@ -1,4 +1,4 @@
-"""Small helpers shared by the trt and coreml targets."""
+"""Small helpers shared by the targets."""
 
 from __future__ import annotations
 
@@ -8,10 +8,39 @@ if TYPE_CHECKING:
     from tome_export.targets import ExportContext
 
 
-def pinning_options(ctx: ExportContext) -> dict:
-    """``verify()`` keyword for decision-pinned comparison, only when asked (``--pin-decisions``,
-    where the lowerings branch provides it), so this works with and without that option."""
-    return {"pin_decisions": True} if getattr(ctx.options, "pin_decisions", False) else {}
+def verify_against_eager(
+    ctx: ExportContext,
+    run,
+    input_names: list[str],
+    output_names: list[str],
+    decision_names: list[str],
+    runtime: str = "onnxruntime",
+):
+    """Compare ``run`` with the eager model on the context's seeds; record it in the manifest.
+
+    Raises VerificationError (nothing gets written) when the error exceeds the tolerance."""
+    from tome_export.errors import VerificationError
+    from tome_export.verify import verify
+
+    with ctx.progress.step(f"verifying on {runtime} against eager PyTorch ({ctx.options.seeds} seeds)"):
+        result = verify(
+            ctx.model,
+            run,
+            input_names,
+            output_names,
+            decision_names,
+            ctx.input_shapes,
+            seeds=range(ctx.options.seeds),
+            atol=ctx.options.atol,
+            on_seed=ctx.progress.tick,
+            runtime=runtime,
+            pin_decisions=ctx.options.pin_decisions,
+        )
+    ctx.manifest["verification"] = result.to_dict()
+    ctx.progress.say(result.summary())
+    if not result.passed:
+        raise VerificationError(f"{result.summary()}; nothing was written (--no-verify keeps the export unchecked)")
+    return result
 
 
 def check_memory_budget(ctx: ExportContext) -> int:

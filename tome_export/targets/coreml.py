@@ -22,7 +22,7 @@ from torch import nn
 
 from tome_export.errors import BackendMissing, UserError, VerificationError
 from tome_export.targets import ExportContext, Target, register_target
-from tome_export.targets.common import check_memory_budget, pinning_options
+from tome_export.targets.common import check_memory_budget, verify_against_eager
 
 # MIL ops that the Neural Engine commonly does not run (Core ML then splits the model and
 # runs them on CPU/GPU, with copies in between). From Apple's and coremltools' guidance on
@@ -289,7 +289,7 @@ def split_into_chunks(
 # -- the target --------------------------------------------------------------------------------
 
 
-def _onnx_check(ctx: ExportContext) -> dict:
+def _onnx_check(ctx: ExportContext) -> None:
     """The same dense-lowered program through ONNX Runtime, against eager PyTorch."""
     import onnx
 
@@ -297,7 +297,6 @@ def _onnx_check(ctx: ExportContext) -> dict:
     from tome_export.merging import merge_state
     from tome_export.merging.dense import export_dense
     from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
-    from tome_export.verify import verify
 
     inputs = ctx.example_inputs()
     program = export_dense(_WithDecisions(ctx.model), inputs)
@@ -323,21 +322,8 @@ def _onnx_check(ctx: ExportContext) -> dict:
     scatter = sorted({n.op_type for n in model.graph.node if n.op_type.startswith("Scatter")})
     if scatter:
         raise VerificationError(f"dense lowering left scatter ops in the graph: {scatter}")
-    runner = OnnxRuntimeRunner(model)
-    result = verify(
-        ctx.model,
-        runner.run,
-        input_names,
-        output_names,
-        decision_names,
-        ctx.input_shapes,
-        seeds=range(ctx.options.seeds),
-        atol=ctx.options.atol,
-        on_seed=ctx.progress.tick,
-        runtime="onnxruntime (dense-lowered program, stand-in for Core ML)",
-        **pinning_options(ctx),
-    )
-    return result
+    runtime = "onnxruntime (the dense program, stand-in for Core ML)"
+    verify_against_eager(ctx, OnnxRuntimeRunner(model).run, input_names, output_names, decision_names, runtime)
 
 
 def build_coreml(ctx: ExportContext) -> None:
@@ -350,14 +336,7 @@ def build_coreml(ctx: ExportContext) -> None:
     with ctx.progress.step("torch.export with the merge lowered to dense ops (no scatter)"):
         program = export_dense(ctx.model, inputs)
     if ctx.options.verify:
-        with ctx.progress.step(
-            f"verifying the dense program on ONNX Runtime against eager ({ctx.options.seeds} seeds)"
-        ):
-            result = _onnx_check(ctx)
-        ctx.progress.say(result.summary())
-        ctx.manifest["verification"] = result.to_dict()
-        if not result.passed:
-            raise VerificationError(f"{result.summary()}; nothing was written")
+        _onnx_check(ctx)
     else:
         ctx.manifest["verification"] = {"skipped": True}
     limit_mb = getattr(ctx.options, "chunk_mb", None) or device.get("max_weights_per_chunk_mb")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import onnx
 
-from tome_export.errors import VerificationError
 from tome_export.targets import ExportContext, Target, register_target
+from tome_export.targets.common import verify_against_eager
 
 
 def _io_spec(graph_values, names: list[str]) -> list[dict]:
@@ -32,12 +32,15 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
 
 
 def export_and_verify_onnx(
-    ctx: ExportContext, filename: str = "model.onnx", providers=("CPUExecutionProvider",), make_runner=None
+    ctx: ExportContext,
+    filename: str = "model.onnx",
+    providers=("CPUExecutionProvider",),
+    make_runner=None,
+    runtime: str = "onnxruntime",
 ):
     """Export with the context's lowering, save, verify on ONNX Runtime; fills the manifest."""
     from tome_export.exporter.onnx_export import export_onnx
     from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
-    from tome_export.verify import verify
 
     with ctx.progress.step(f"exporting to ONNX (lowering {ctx.lowering}, opset {ctx.options.opset})"):
         exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
@@ -62,27 +65,12 @@ def export_and_verify_onnx(
     if not ctx.options.verify:
         ctx.manifest["verification"] = {"skipped": True}
         return exported
-    with ctx.progress.step(f"verifying on ONNX Runtime against eager PyTorch ({ctx.options.seeds} seeds)"):
-        if make_runner is not None:
-            runner = make_runner(exported.with_decisions)
-        else:
-            runner = OnnxRuntimeRunner(exported.with_decisions, providers=tuple(providers))
-        result = verify(
-            ctx.model,
-            runner.run,
-            exported.input_names,
-            exported.output_names,
-            exported.decision_names,
-            ctx.input_shapes,
-            seeds=range(ctx.options.seeds),
-            atol=ctx.options.atol,
-            on_seed=ctx.progress.tick,
-            pin_decisions=ctx.options.pin_decisions,
-        )
-    ctx.manifest["verification"] = result.to_dict()
-    ctx.progress.say(result.summary())
-    if not result.passed:
-        raise VerificationError(f"{result.summary()}; nothing was written (--no-verify keeps the export unchecked)")
+    runner = (
+        make_runner(exported.with_decisions)
+        if make_runner
+        else OnnxRuntimeRunner(exported.with_decisions, providers=tuple(providers))
+    )
+    verify_against_eager(ctx, runner.run, exported.input_names, exported.output_names, exported.decision_names, runtime)
     return exported
 
 
