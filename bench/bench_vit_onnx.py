@@ -67,7 +67,13 @@ def main() -> None:
             with torch.no_grad():
                 want = model(x)
             state = model._tome_state
-            session = ort.InferenceSession(exported.model.SerializeToString(), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            # Eight sessions take turns on two cores: a finished session's spinning
+            # threads would steal the next one's CPU, so no spinning (same for all variants).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(
+                exported.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
             feeds = {exported.input_names[0]: x.numpy()}
             err = float((torch.from_numpy(session.run(None, feeds)[0]) - want).abs().max())
             dim = model.blocks[0].norm1.normalized_shape[0]
@@ -85,14 +91,19 @@ def main() -> None:
                 }
             )
             print(f"exported {model_name} r={r} (max abs err {err:.2e})", file=sys.stderr)
-    with torch.no_grad():
-        for round_index in range(args.warmup + args.runs):
-            for v in variants:  # interleaved: every variant sees the same machine load
-                ort_ms = time_once(lambda v=v: v["session"].run(None, v["feeds"]))
-                eager_ms = time_once(lambda v=v: v["eager"](x))
-                if round_index >= args.warmup:
-                    v["ort_ms"].append(ort_ms)
-                    v["eager_ms"].append(eager_ms)
+    # Variants interleaved round-robin so every one sees the same machine load; ONNX
+    # Runtime and torch eager in separate phases, since torch's OpenMP threads keep
+    # spinning after a forward and would slow the ORT run that follows.
+    for key, run in (
+        ("ort_ms", lambda v: v["session"].run(None, v["feeds"])),
+        ("eager_ms", lambda v: v["eager"](x)),
+    ):
+        with torch.no_grad():
+            for round_index in range(args.warmup + args.runs):
+                for v in variants:
+                    elapsed = time_once(lambda v=v, run=run: run(v))
+                    if round_index >= args.warmup:
+                        v[key].append(elapsed)
     results = {}
     for model_name in dict.fromkeys(v["model"] for v in variants):
         rows = [v for v in variants if v["model"] == model_name]
