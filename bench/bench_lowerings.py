@@ -109,7 +109,7 @@ class SDTransformerBlock(nn.Module):
 def export_runner(model: nn.Module, inputs: tuple[torch.Tensor, ...], lowering: str):
     """Exported (shipped graph) → runner, feeds, and max abs error against eager."""
     exported = export_onnx(model, inputs, lowering)
-    runner = OnnxRuntimeRunner(exported.model)
+    runner = OnnxRuntimeRunner(exported.model, spinning=False)  # sessions take turns on 2 cores
     feeds = {name: t.numpy() for name, t in zip(exported.input_names, inputs)}
     with torch.no_grad():
         eager = model(*inputs)

@@ -64,6 +64,8 @@ def session(model: nn.Module, example: tuple, lowering: str, threads: int):
     exported = export_onnx(model, example, lowering=lowering)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    # Sessions take turns on few cores: no spinning, or an idle one steals the next one's CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(exported.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = {n: t.numpy() for n, t in zip(exported.input_names, example)}
     return lambda: sess.run(None, feed)

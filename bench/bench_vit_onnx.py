@@ -26,6 +26,7 @@ import tome_export  # noqa: E402
 from bench.flops import vit_flops  # noqa: E402
 from samples.reference_vit import vit_small_patch16_224  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
+from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 
 R_VALUES = (0, 8, 13, 16)
 
@@ -67,13 +68,8 @@ def main() -> None:
             with torch.no_grad():
                 want = model(x)
             state = model._tome_state
-            options = ort.SessionOptions()
-            # Eight sessions take turns on two cores: a finished session's spinning
-            # threads would steal the next one's CPU, so no spinning (same for all variants).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(
-                exported.model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+            # Eight sessions take turns on two cores: no spinning (same for all variants).
+            session = OnnxRuntimeRunner(exported.model, spinning=False).session
             feeds = {exported.input_names[0]: x.numpy()}
             err = float((torch.from_numpy(session.run(None, feeds)[0]) - want).abs().max())
             dim = model.blocks[0].norm1.normalized_shape[0]

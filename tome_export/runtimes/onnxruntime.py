@@ -30,9 +30,12 @@ class OnnxRuntimeRunner:
         intra_op_threads: int | None = None,
         profile_prefix: str | None = None,
         plugin_ops: bool | None = None,
+        spinning: bool = True,
     ) -> None:
         """``plugin_ops``: register the ``tome_export`` custom-op library (the ``plugin``
-        lowering's nodes); ``None`` registers it when the graph uses that domain."""
+        lowering's nodes); ``None`` registers it when the graph uses that domain.
+        ``spinning=False``: idle worker threads sleep at once — for several sessions taking
+        turns on few cores (benchmarks), where spinning threads steal the next run's CPU."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -44,6 +47,8 @@ class OnnxRuntimeRunner:
             options.register_custom_ops_library(custom_ops_library())
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
