@@ -11,7 +11,6 @@ loaded. ``run()`` records per-block load / wait / compute times and peak residen
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import threading
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tome_export.bundle import sha256_file
 from tome_export.errors import UserError
 
 
@@ -78,14 +78,6 @@ class RunStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "peak_rss_over_baseline": self.peak_rss_over_baseline}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _RssSampler:
@@ -243,7 +235,7 @@ class DynamicRunner:
             if not self.verify_files or self._verified.get(relative) == (stat.st_size, stat.st_mtime_ns):
                 _read_through(path)  # IO only: the session's memory-mapped weights then fault in cheaply
                 continue
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 raise BlockFileError(
                     f"block file {relative} in {self.root} was modified (sha256 differs from the manifest); "
                     "re-export the bundle"
