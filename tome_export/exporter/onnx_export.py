@@ -13,10 +13,11 @@ import onnx
 import torch
 from torch import nn
 
+from tome_export.errors import UserError
 from tome_export.exporter import aten_fixes, lowerings, tomesd_lowering, tracer  # noqa: F401  (tomesd translations)
-from tome_export.exporter.lowerings import get_lowering
+from tome_export.exporter.lowerings import LOWERINGS, get_lowering
 from tome_export.merging import merge_state
-from tome_export.merging.ops import merge_op_overloads
+from tome_export.merging.ops import OP_NAMESPACE, merge_op_overloads
 
 DECISION_PREFIX = "tome_slots_"
 DEFAULT_OPSET = 18
@@ -72,6 +73,20 @@ def translation_table(lowering: str) -> dict:
     return table
 
 
+def _check_translations(exported_program, lowering: str) -> None:
+    """UserError naming the first merge op the lowering cannot translate (else torch.onnx
+    fails later with a long ConversionError)."""
+    chosen = get_lowering(lowering)
+    for node in exported_program.graph.nodes:
+        target = getattr(node.target, "name", None)
+        qualified = target().split(".")[0] if callable(target) else ""
+        if qualified.startswith(f"{OP_NAMESPACE}::") and qualified not in chosen.translations:
+            others = sorted(name for name, low in LOWERINGS.items() if qualified in low.translations)
+            raise UserError(
+                f"lowering {lowering!r} has no translation for {qualified}; use {' or '.join(others) or 'another method'}"
+            )
+
+
 @contextlib.contextmanager
 def _quiet():
     """torch.onnx prints progress and warnings of its own; keep our output readable."""
@@ -108,6 +123,7 @@ def export_onnx(
     notes_start = len(lowerings.LOWERING_NOTES)
     with _quiet():
         exported_program = torch.export.export(_WithDecisions(model), tuple(example_inputs), strict=False)
+        _check_translations(exported_program, lowering)
         tracer_rewrites = tracer.rewrite_program(exported_program)
         program = torch.onnx.export(
             exported_program,

@@ -10,6 +10,11 @@ The node's contract is fixed (the TensorRT plugin and the Triton kernel implemen
 
 Semantics: exactly ``tome_export.merging.bipartite.merge_tokens`` (documented in
 docs/lowerings.md).
+
+``tome_export::tomesd_merge`` becomes one ``tome_export.TomesdMerge`` node (version 1):
+inputs ``metric`` (B, N, D), ``x`` (B, N, C); outputs ``x_out`` (B, N-r, C), ``slot``
+(B, N) int64; int attributes ``h``, ``w``, ``sx``, ``sy``, ``r``, ``seed``. Semantics:
+exactly ``tome_export.merging.tomesd.merge_tokens`` (docs/diffusion.md).
 """
 
 from __future__ import annotations
@@ -49,9 +54,40 @@ def plugin_schema() -> OpSchema:
     )
 
 
+TOMESD_OP_TYPE = "TomesdMerge"
+TOMESD_ATTRIBUTES = ("h", "w", "sx", "sy", "r", "seed")
+
+
+def tomesd_schema() -> OpSchema:
+    """Schema of the tomesd merge node (same domain and version as BipartiteMerge)."""
+    param = OpSchema.FormalParameter
+    meanings = {
+        "h": "latent grid height in tokens",
+        "w": "latent grid width in tokens",
+        "sx": "cell width (one destination per sx×sy cell)",
+        "sy": "cell height",
+        "r": "tokens merged away",
+        "seed": "-1: top-left destination per cell; else random.Random(seed) picks one per cell",
+    }
+    return OpSchema(
+        TOMESD_OP_TYPE,
+        PLUGIN_DOMAIN,
+        PLUGIN_VERSION,
+        "tomesd token merge: r sources averaged into their most similar destination (see docs/diffusion.md).",
+        inputs=[param("metric", "T", "(B, N, D)"), param("x", "T", "(B, N, C)")],
+        outputs=[
+            param("x_out", "T", "(B, N - r, C)"),
+            param("slot", "tensor(int64)", "(B, N): output position of every input token"),
+        ],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
+        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, meanings[name]) for name in TOMESD_ATTRIBUTES],
+    )
+
+
 def _register_schema() -> None:
-    if not onnx.defs.has(PLUGIN_OP_TYPE, PLUGIN_DOMAIN):
-        onnx.defs.register_schema(plugin_schema())
+    for op_type, schema in ((PLUGIN_OP_TYPE, plugin_schema), (TOMESD_OP_TYPE, tomesd_schema)):
+        if not onnx.defs.has(op_type, PLUGIN_DOMAIN):
+            onnx.defs.register_schema(schema())
 
 
 _register_schema()
@@ -62,6 +98,13 @@ def merge_plugin(metric, x, size, r: int, protected: int):
     """``tome_export::bipartite_merge`` → one ``tome_export.BipartiteMerge`` node."""
     return plugin_opset.BipartiteMerge(
         metric, x, size, r=int(r), protected=int(protected), mode="weighted_mean", _outputs=3
+    )
+
+
+def tomesd_merge_plugin(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed: int):
+    """``tome_export::tomesd_merge`` → one ``tome_export.TomesdMerge`` node."""
+    return plugin_opset.TomesdMerge(
+        metric, x, h=int(h), w=int(w), sx=int(sx), sy=int(sy), r=int(r), seed=int(seed), _outputs=2
     )
 
 
@@ -76,7 +119,7 @@ register_lowering(
     Lowering(
         "plugin",
         f"one {PLUGIN_DOMAIN}.{PLUGIN_OP_TYPE} custom node per merge (TensorRT plugin, ONNX Runtime custom op)",
-        {"tome_export::bipartite_merge": merge_plugin},
+        {"tome_export::bipartite_merge": merge_plugin, "tome_export::tomesd_merge": tomesd_merge_plugin},
         custom_domains=(PLUGIN_DOMAIN,),
     )
 )

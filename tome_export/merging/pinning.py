@@ -5,9 +5,9 @@ differ a lot although the lowering is right. Re-running eager with the backend's
 decisions tells the two apart: if the error vanishes when pinned, a decision flipped; if
 it stays, the lowering computes something else.
 
-``with forced_decisions(slot_maps): model(x)`` makes the ``bipartite_merge`` calls of
-that forward use ``slot_maps[0]``, ``slot_maps[1]``, … in call order. Each pinned call
-also records how far the forced decision is from eager's own in eager's similarity
+``with forced_decisions(slot_maps): model(x)`` makes the ``bipartite_merge`` (and
+``tomesd_merge``) calls of that forward use ``slot_maps[0]``, ``slot_maps[1]``, … in call
+order. Each pinned call also records how far the forced decision is from eager's own in eager's similarity
 scores (``tie_gaps``): ~0 for a flipped near-tie, large for a wrong match.
 """
 
@@ -91,11 +91,15 @@ class ForcedDecisions:
     used: int = 0
     tie_gaps: list[float] = field(default_factory=list)
 
-    def next(self, metric: torch.Tensor, r: int, protected: int) -> MergeDecision:
+    def next_slot_map(self) -> torch.Tensor:
+        """The next call's slot map (ops with another layout decode it themselves)."""
         if self.used >= len(self.slot_maps):
             raise ValueError(f"more merges than pinned decisions ({len(self.slot_maps)})")
-        slot = self.slot_maps[self.used]
         self.used += 1
+        return self.slot_maps[self.used - 1]
+
+    def next(self, metric: torch.Tensor, r: int, protected: int) -> MergeDecision:
+        slot = self.next_slot_map()
         decision = decision_from_slots(slot, r, protected)
         self.tie_gaps.append(tie_gap(metric, decision))
         return decision

@@ -1,7 +1,7 @@
-"""ONNX Runtime implementation of the ``tome_export.BipartiteMerge`` plugin node.
+"""ONNX Runtime implementation of the plugin nodes (``tome_export.BipartiteMerge``, ``.TomesdMerge``).
 
 An onnxruntime-extensions Python custom op whose compute is the eager reference
-(``bipartite.merge_tokens``), so plugin-lowered graphs are verified on CPU here. It is a
+(``bipartite.merge_tokens``, ``tomesd.merge_tokens``), so plugin-lowered graphs are verified on CPU here. It is a
 correctness implementation, not a fast one: onnxruntime-extensions copies outputs through
 Python lists. TensorRT gets the real plugin (targets for TensorRT, not this module).
 """
@@ -13,7 +13,13 @@ import functools
 import numpy as np
 
 from tome_export.errors import BackendMissing
-from tome_export.exporter.plugin_lowering import PLUGIN_DOMAIN, PLUGIN_MODES, PLUGIN_OP_TYPE
+from tome_export.exporter.plugin_lowering import (
+    PLUGIN_DOMAIN,
+    PLUGIN_MODES,
+    PLUGIN_OP_TYPE,
+    TOMESD_ATTRIBUTES,
+    TOMESD_OP_TYPE,
+)
 
 
 def bipartite_merge_numpy(
@@ -44,6 +50,28 @@ def bipartite_merge_numpy(
     return out_x.numpy(), out_size.numpy(), slot.numpy().astype(np.int64)
 
 
+def tomesd_merge_numpy(
+    metric: np.ndarray, x: np.ndarray, h: int, w: int, sx: int, sy: int, r: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The TomesdMerge node's semantics on numpy arrays: exactly ``tomesd.merge_tokens``."""
+    import torch
+
+    from tome_export.merging import tomesd
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see bipartite_merge_numpy
+    try:
+        with torch.no_grad():
+            merged, slot = tomesd.merge_tokens(
+                torch.from_numpy(np.ascontiguousarray(metric)),
+                torch.from_numpy(np.ascontiguousarray(x)),
+                *(int(v) for v in (h, w, sx, sy, r, seed)),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return merged.numpy(), slot.numpy().astype(np.int64)
+
+
 @functools.cache
 def custom_ops_library() -> str:
     """Registers the Python op once and returns the extensions library path for
@@ -63,4 +91,10 @@ def custom_ops_library() -> str:
         outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64],
         attrs={"r": PyCustomOpDef.dt_int64, "protected": PyCustomOpDef.dt_int64, "mode": PyCustomOpDef.dt_string},
     )(bipartite_merge_numpy)
+    onnx_op(
+        op_type=f"{PLUGIN_DOMAIN}::{TOMESD_OP_TYPE}",
+        inputs=[PyCustomOpDef.dt_float] * 2,
+        outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64],
+        attrs={name: PyCustomOpDef.dt_int64 for name in TOMESD_ATTRIBUTES},
+    )(tomesd_merge_numpy)
     return get_library_path()
