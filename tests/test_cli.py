@@ -144,3 +144,12 @@ def test_devices_lists_cpu(cli):
     result = cli("devices", "--json")
     assert result.returncode == 0
     assert "cpu" in [d["name"] for d in json.loads(result.stdout)]
+
+
+def test_timm_model_spec_gives_the_same_random_weights_every_time():
+    pytest.importorskip("timm")
+    from tome_export.exporter.load import load_model
+
+    first = load_model("timm:vit_tiny_patch16_224").module.state_dict()
+    second = load_model("timm:vit_tiny_patch16_224").module.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -133,6 +133,14 @@ def test_tune_picks_best_fidelity_within_budget_from_stored_points(sweep_db):
         parse_budget("fast")
 
 
+def test_cli_tune_exits_1_when_no_candidate_meets_the_budget(sweep_db, capsys):
+    db, _ = sweep_db
+    args = ["tune", TINY, "--device", "cpu", "--candidates", "0,8", "--input-shape", "2,3,64,64", "--db", str(db)]
+    assert cli_run([*args, "--latency-budget", "1us", "-q"]) == 1
+    assert cli_run([*args, "--latency-budget", "1000s", "-q"]) == 0
+    capsys.readouterr()
+
+
 def test_report_json_import_roundtrip_and_plots(sweep_db, tmp_path, capsys):
     db, records = sweep_db
     assert cli_run(["report", "--db", str(db), "--json", "--plots", str(tmp_path / "plots"), "-q"]) == 0

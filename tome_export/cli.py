@@ -332,7 +332,8 @@ def tune_command(
 def run(argv: list[str] | None = None) -> int:
     """Entry point: maps our errors and click's usage errors to one line and an exit code."""
     try:
-        main.main(args=argv, prog_name="tome-export", standalone_mode=False)
+        # Outside standalone mode click returns a command's Exit code instead of raising it.
+        code = main.main(args=argv, prog_name="tome-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
@@ -347,7 +348,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

@@ -93,7 +93,11 @@ def _from_timm(name: str, weights: str | None) -> nn.Module:
         raise UserError("timm models need timm: pip install 'tome-export[timm]'") from None
     if name not in timm.list_models():
         raise UserError(f"timm has no model {name!r}; see timm.list_models()")
-    model = timm.create_model(name, pretrained=False)
+    # Seeded: without --weights the same MODEL must give the same random weights every
+    # time, or sweeps, tune and fidelity checks would compare different models.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False)
     if weights:
         try:
             model.load_state_dict(_load_state_dict(weights))
