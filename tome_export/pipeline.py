@@ -102,23 +102,7 @@ def _tdtm_options(options: ExportOptions) -> tuple[str, dict]:
     return "tdtm", {"merge_steps": options.merge_steps, "num_steps": num_steps}
 
 
-# Methods whose CLI options differ from ToMe's r/schedule.
-METHOD_OPTION_PARSERS = {"tomesd": _tomesd_options, "tdtm": _tdtm_options}
-
-
-def _method_options(options: ExportOptions) -> tuple[str, dict]:
-    if options.method not in METHODS:
-        raise UserError(f"unknown method {options.method!r}; choose one of: {', '.join(sorted(METHODS))}")
-    if options.method != "tdtm" and (options.merge_steps is not None or options.num_steps is not None):
-        raise UserError(f"--merge-steps/--num-steps apply to method 'tdtm', not {options.method!r}")
-    if options.method in METHOD_OPTION_PARSERS:
-        return METHOD_OPTION_PARSERS[options.method](options)
-    if options.ratio is not None:
-        raise UserError(f"--ratio applies to method 'tomesd', not {options.method!r}")
-    if options.method != "tome":
-        if options.r is not None or options.schedule:
-            raise UserError(f"--r/--schedule apply to method 'tome', not {options.method!r}")
-        return options.method, {}
+def _tome_options(options: ExportOptions) -> tuple[str, dict]:
     if options.r is not None and options.schedule:
         raise UserError("give --r or --schedule, not both")
     if options.schedule:
@@ -129,6 +113,26 @@ def _method_options(options: ExportOptions) -> tuple[str, dict]:
     if r == 0:
         return "none", {}  # the unmerged baseline
     return "tome", {"r": r, "prop_attn": options.prop_attn}
+
+
+def _no_options(options: ExportOptions) -> tuple[str, dict]:
+    if options.r is not None or options.schedule:
+        raise UserError(f"--r/--schedule apply to method 'tome', not {options.method!r}")
+    return options.method, {}
+
+
+# Each method turns the CLI's options into its own apply() options (and checks them).
+METHOD_OPTION_PARSERS = {"tome": _tome_options, "tomesd": _tomesd_options, "tdtm": _tdtm_options}
+
+
+def _method_options(options: ExportOptions) -> tuple[str, dict]:
+    if options.method not in METHODS:
+        raise UserError(f"unknown method {options.method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    if options.method != "tdtm" and (options.merge_steps is not None or options.num_steps is not None):
+        raise UserError(f"--merge-steps/--num-steps apply to method 'tdtm', not {options.method!r}")
+    if options.method != "tomesd" and options.ratio is not None:
+        raise UserError(f"--ratio applies to method 'tomesd', not {options.method!r}")
+    return METHOD_OPTION_PARSERS.get(options.method, _no_options)(options)
 
 
 def default_out(name: str, method: str, method_opts: dict, target: str) -> Path:
