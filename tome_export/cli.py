@@ -75,6 +75,9 @@ def main() -> None:
 @click.option("--num-steps", type=int, default=None, help="tdtm: denoising steps in all (default 30).")
 @click.option("--dynamic-loading", is_flag=True, help="Also split the graph into blocks loaded on demand.")
 @click.option("--memory-budget", default=None, help="Dynamic loading budget, e.g. 512MB (default: device's).")
+@click.option(
+    "--force", is_flag=True, help="Replace an -o folder tome-export did not write (the old one is kept aside)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def export_command(
@@ -107,6 +110,7 @@ def export_command(
     num_steps,
     dynamic_loading,
     memory_budget,
+    force,
     as_json,
     quiet,
 ) -> None:
@@ -144,6 +148,7 @@ def export_command(
         num_steps=num_steps,
         dynamic_loading=dynamic_loading,
         memory_budget=memory_budget,
+        force=force,
     )
     progress = Progress(quiet)
     path, manifest = export(options, progress)
@@ -197,9 +202,16 @@ def _sweep_values(text: str | None) -> list[int] | None:
 @click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
 @click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
+@click.option(
+    "--trust-source",
+    is_flag=True,
+    help="Re-load the source model the manifest names (runs its code) for fidelity, --sweep, --batch-sizes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, as_json, quiet):
+def profile_command(
+    bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, trust_source, as_json, quiet
+):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
     from tome_export.profiling.report import summarize, table
@@ -210,7 +222,7 @@ def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fid
     sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity
+            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity, trust_source
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")
@@ -329,14 +341,46 @@ def tune_command(
         raise click.exceptions.Exit(1)
 
 
+DEBUG_ENV = "TOME_EXPORT_DEBUG"
+
+
+def _unexpected(exc: BaseException) -> int:
+    """One line for an error nobody anticipated (a bug): exit 1, the traceback on request."""
+    import os
+
+    from tome_export.bundle.writer import disk_error
+
+    if isinstance(exc, OSError):
+        problem = disk_error(exc, getattr(exc, "filename", None) or "the output")
+        if problem is not None:
+            click.echo(f"error: {problem}", err=True)
+            return 2
+    if os.environ.get(DEBUG_ENV):
+        import traceback
+
+        traceback.print_exception(exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    click.echo(
+        f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} "
+        f"(a bug in tome-export: please report it; {DEBUG_ENV}=1 shows the traceback)",
+        err=True,
+    )
+    return 1
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: maps our errors and click's usage errors to one line and an exit code."""
+    """Entry point: maps our errors and click's usage errors to one line and an exit code;
+    anything else becomes one line too (``TOME_EXPORT_DEBUG=1`` prints the traceback)."""
     try:
         # Outside standalone mode click returns a command's Exit code instead of raising it.
         code = main.main(args=argv, prog_name="tome-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's wrapper of a KeyboardInterrupt
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            click.echo(f"error: interrupted{' by ' + str(cause) if str(cause) else ''}; nothing was written", err=True)
+            return getattr(cause, "exit_code", 130)
         click.echo("error: aborted", err=True)
         return 130
     except click.ClickException as exc:
@@ -345,9 +389,14 @@ def run(argv: list[str] | None = None) -> int:
     except (UserError, VerificationError, BackendMissing) as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP during an export
+        click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing was written", err=True)
+        return getattr(exc, "exit_code", 130)
+    except RecursionError:
+        click.echo("error: input nested too deeply to process", err=True)
+        return 2
+    except Exception as exc:
+        return _unexpected(exc)
     return code if isinstance(code, int) else 0
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from tome_export import __version__
 from tome_export.bundle import BundleWriter, preprocessing_for
+from tome_export.bundle.preflight import check_export_options
 from tome_export.devices import get_device
 from tome_export.errors import UserError
 from tome_export.exporter.insert import has_patcher, insert_for_export
@@ -62,6 +63,7 @@ class ExportOptions:
     num_steps: int | None = None  # tdtm: total denoising steps (default DEFAULT_NUM_STEPS)
     dynamic_loading: bool = False
     memory_budget: str | None = None  # e.g. "512MB"; default: the device profile's
+    force: bool = False  # replace an -o folder tome-export did not write (kept aside, not deleted)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:
@@ -155,6 +157,7 @@ def _merge_manifest(model: nn.Module, method: str) -> dict:
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
     """Run the whole export; returns (bundle path, manifest). Raises UserError on bad input."""
     progress = progress or Progress(quiet=True)
+    check_export_options(options)
     device = get_device(options.device or "cpu")
     target = get_target(options.target or device.default_target)
     lowering = options.lowering or (device.lowering if device.lowering in target.lowerings else target.default_lowering)
@@ -194,7 +197,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{options.model} rejects input shape {input_shapes}: {first}") from None
-    with BundleWriter(out) as bundle:
+    writer = BundleWriter(out, force=options.force)
+    with writer as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)
         ctx.manifest.update(
             {
@@ -221,4 +225,6 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
 
             add_dynamic_loading(ctx, budget)
         manifest = bundle.write_manifest(ctx.manifest)
+    if writer.aside is not None:
+        progress.say(f"--force: the folder that was at {out} is kept as {writer.aside}")
     return out, manifest

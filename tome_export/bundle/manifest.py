@@ -90,7 +90,7 @@ def _check_specs(specs: object, key: str, where: str) -> None:
             not isinstance(shape, list) or not all(_is_int(d) and d >= 0 or isinstance(d, str) for d in shape)
         ):
             raise _fail(where, f"{key[:-1]} {spec['name']!r} has a malformed shape {str(shape)[:60]}")
-        if "dtype" in spec and spec["dtype"] not in DTYPES:
+        if "dtype" in spec and (not isinstance(spec["dtype"], str) or spec["dtype"] not in DTYPES):
             raise _fail(where, f"{key[:-1]} {spec['name']!r} has unknown dtype {str(spec['dtype'])[:40]!r}")
 
 

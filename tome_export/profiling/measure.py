@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tome_export import __version__
-from tome_export.bundle import verify_bundle
+from tome_export.bundle import read_verified, verify_bundle
 from tome_export.devices import DeviceProfile, get_device
 from tome_export.errors import UserError
 from tome_export.profiling.breakdown import breakdown, node_attribution
@@ -89,7 +89,7 @@ def time_runs(run, feeds, runs: int, warmup: int, progress: Progress) -> list[fl
 
 
 def measure_onnx(
-    artifact: Path,
+    artifact: Path | bytes,
     feeds: dict[str, np.ndarray],
     providers: tuple[str, ...],
     runs: int,
@@ -115,7 +115,12 @@ def measure_onnx(
     runs_seen = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     first_kept = runs_seen[2] if len(runs_seen) > 2 else 0
     events = [e for e in events if e.get("ts", 0) >= first_kept]
-    table = node_attribution(onnx.load(str(artifact), load_external_data=False))
+    graph = (
+        onnx.load_from_string(artifact)
+        if isinstance(artifact, bytes)
+        else onnx.load(str(artifact), load_external_data=False)
+    )
+    table = node_attribution(graph)
     arena_peak = max(
         (int(e["args"]["mem_in_use_peak"]) for e in events if "mem_in_use_peak" in e.get("args", {})), default=None
     )
@@ -157,14 +162,22 @@ def fidelity(artifact: Path, manifest: dict, reference, providers: tuple[str, ..
     }
 
 
-def load_reference(manifest: dict, trust_pickle: bool = False):
-    """The unmerged source model recorded in the manifest, or None if it cannot be loaded here."""
+def load_reference(manifest: dict, trust_pickle: bool = False, trust_source: bool = False, progress=None):
+    """The unmerged source model recorded in the manifest, or None if it cannot be loaded here.
+
+    The manifest is untrusted: re-loading its source imports code it names, so this needs
+    ``trust_source`` (``--trust-source``) and says what it imports."""
     from tome_export.exporter.load import load_model
 
-    source = manifest.get("source", {})
+    source = manifest.get("source") or {}
+    if not trust_source or not isinstance(source.get("model"), str):
+        return None
+    weights = source.get("weights") if isinstance(source.get("weights"), str) else None
+    if progress is not None:
+        progress.say(f"--trust-source: loading {source['model']!r} (named by the bundle's manifest), running its code")
     try:
-        return load_model(source["model"], source.get("weights"), trust_pickle).module.eval()
-    except (UserError, KeyError):
+        return load_model(source["model"], weights, trust_pickle).module.eval()
+    except UserError:
         return None
 
 
@@ -242,7 +255,7 @@ def export_variant(
         return export(options, quiet)
 
 
-def token_cap(manifest: dict, trust_pickle: bool = False) -> int | None:
+def token_cap(manifest: dict, trust_pickle: bool = False, trust_source: bool = False) -> int | None:
     """Largest constant r the bundle's model accepts (half its unprotected tokens)."""
     from tome_export.merging.bipartite import max_r
 
@@ -253,7 +266,7 @@ def token_cap(manifest: dict, trust_pickle: bool = False) -> int | None:
 
     from tome_export.merging import apply, merge_state
 
-    model = load_reference(manifest, trust_pickle)
+    model = load_reference(manifest, trust_pickle, trust_source)
     if model is None:
         return None
     apply(model, "tome", r=1)
@@ -275,16 +288,31 @@ def profile_bundle(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     with_fidelity: bool = True,
+    trust_source: bool = False,
 ) -> list[dict]:
-    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios): one record each."""
+    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios): one record each.
+
+    Re-exports and the fidelity reference load the source model the manifest names: only
+    with ``trust_source`` (fidelity is skipped with a note otherwise)."""
     progress = progress or Progress(quiet=True)
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    device = get_device(device_name or manifest.get("device", "cpu"))
-    if manifest.get("target", "onnx") != "onnx" or not manifest.get("artifact"):
+    device = get_device(device_name or manifest.get("device") or "cpu")
+    if (manifest.get("target") or "onnx") != "onnx" or not manifest.get("artifact"):
         raise UserError(
             f"{bundle}: profiling measures single-artifact ONNX bundles here (target {manifest.get('target')!r}); "
             "TensorRT layer profiles are not wired in this version"
+        )
+    if manifest.get("variants") or manifest.get("dynamic_loading") or manifest.get("shared_weights"):
+        raise UserError(
+            f"{bundle} holds TDTM variants or dynamic-loading blocks; profile measures one graph as it runs, "
+            "so it would mislabel them: time these bundles with bench/bench_video.py"
+        )
+    if (sweep is not None or batch_sizes) and not trust_source:
+        source = (manifest.get("source") or {}).get("model")
+        raise UserError(
+            f"--sweep/--batch-sizes re-export the source model the manifest names ({str(source)[:80]!r}), which "
+            "runs its code: pass --trust-source if you trust this bundle's author"
         )
     providers = tuple(device.providers) or ("CPUExecutionProvider",)
     if runs < 1 or warmup < 0:
@@ -295,7 +323,7 @@ def profile_bundle(
     if any(b < 1 for b in batch_sizes):
         raise UserError(f"--batch-sizes must be positive integers, got {batch_sizes}")
     if sweep is not None:
-        cap = token_cap(manifest, trust_pickle)
+        cap = token_cap(manifest, trust_pickle, trust_source)
         bad = [r for r in sweep if r < 0 or (cap is not None and r > cap)]
         if bad:
             raise UserError(
@@ -304,8 +332,13 @@ def profile_bundle(
     reference = None
     if with_fidelity:
         with progress.step("loading the unmerged source model for fidelity"):
-            reference = load_reference(manifest, trust_pickle)
-        if reference is None:
+            reference = load_reference(manifest, trust_pickle, trust_source, progress)
+        if reference is None and not trust_source:
+            progress.say(
+                "fidelity skipped: it re-loads the source model the manifest names, which runs its code "
+                "(pass --trust-source if you trust this bundle)"
+            )
+        elif reference is None:
             progress.say("fidelity skipped: the source model recorded in the manifest does not load here")
     records = []
     with tempfile.TemporaryDirectory(prefix="tome-profile-exports-") as tmp:
@@ -313,7 +346,8 @@ def profile_bundle(
         for index, (r, batch) in enumerate(configs):
             same_r = r is None or schedule_key(manifest.get("merge", {}))[2] == r
             if same_r and (not static or batch == base_batch):  # the bundle itself: no re-export
-                path, variant = bundle, manifest
+                # Measured from the verified bytes: the file can't change between check and use.
+                path, variant = read_verified(bundle, manifest, manifest["artifact"]), manifest
             else:
                 path, variant = export_variant(
                     manifest,
@@ -326,10 +360,11 @@ def profile_bundle(
             feeds = random_feeds(variant, 0, None if static else batch)
             label = f"{schedule_key(variant.get('merge', {}))[1]}, batch {batch}"
             with progress.step(f"measuring {label} on {device.name} ({warmup} warm-up + {runs} runs)"):
-                measured = measure_onnx(path / variant["artifact"], feeds, providers, runs, warmup, progress)
+                artifact = path if isinstance(path, bytes) else path / variant["artifact"]
+                measured = measure_onnx(artifact, feeds, providers, runs, warmup, progress)
             if reference is not None:
                 with progress.step(f"fidelity of {label} vs the unmerged model"):
-                    measured["fidelity"] = fidelity(path / variant["artifact"], variant, reference, providers)
+                    measured["fidelity"] = fidelity(artifact, variant, reference, providers)
             else:
                 measured["fidelity"] = None
             records.append(record_for(variant, device, measured, batch))

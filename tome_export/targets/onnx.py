@@ -54,6 +54,7 @@ def export_and_verify_onnx(
             "inputs": _io_spec(graph.input, exported.input_names),
             "outputs": _io_spec(graph.output, exported.output_names),
             "rewrites": exported.rewrites,
+            "opset": next(o.version for o in exported.model.opset_import if o.domain in ("", "ai.onnx")),
         }
     )
     if exported.custom_domains:
