@@ -114,14 +114,14 @@ def _from_factory(spec: str) -> nn.Module:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"cannot import {module_name!r} for MODEL {spec!r}: {exc}") from None
-    except Exception as exc:  # a syntax error or an exception raised while importing it
+    except (Exception, SystemExit) as exc:  # a syntax error or an exception raised while importing it
         raise UserError(f"importing {module_name!r} for MODEL {spec!r} failed: {_first_line(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserError(f"{module_name} has no callable {attr!r} (MODEL is package.module:callable)")
     try:
         return factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UserError(f"MODEL factory {spec!r} raised {_first_line(exc)}; fix the factory") from None
 
 
