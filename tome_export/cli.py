@@ -342,10 +342,11 @@ def tune_command(
 
 
 DEBUG_ENV = "TOME_EXPORT_DEBUG"
+INTERNAL_ERROR = 70  # EX_SOFTWARE: not bad input, not a failed verification — a bug
 
 
 def _unexpected(exc: BaseException) -> int:
-    """One line for an error nobody anticipated (a bug): exit 1, the traceback on request."""
+    """One line for an error nobody anticipated (a bug): exit 70, the traceback on request."""
     import os
 
     from tome_export.bundle.writer import disk_error
@@ -365,7 +366,7 @@ def _unexpected(exc: BaseException) -> int:
         f"(a bug in tome-export: please report it; {DEBUG_ENV}=1 shows the traceback)",
         err=True,
     )
-    return 1
+    return INTERNAL_ERROR
 
 
 def run(argv: list[str] | None = None) -> int:
