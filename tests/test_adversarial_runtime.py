@@ -137,7 +137,8 @@ def test_bundles_run_with_only_onnxruntime_and_numpy(adv_tiny, adv_plugin, adv_d
 
 
 def test_runtime_modules_import_nothing_heavy():
-    code = "import sys, tome_export.runtime, tome_export.runtimes.dynamic, tome_export.runtimes.ort_custom_ops; "
+    code = "import sys, tome_export.runtime, tome_export.runtimes.dynamic, tome_export.runtimes.ort_custom_ops, "
+    code += "tome_export.runtimes.ort_cuda, tome_export.runtimes.onnxruntime; "
     code += f"print([m for m in sys.modules if m.split('.')[0] in {BLOCKED!r}])"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
