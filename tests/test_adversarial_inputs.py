@@ -334,3 +334,20 @@ def test_profile_refuses_bundles_it_would_mislabel(adv_tiny, adv_dynamic, copy_o
     assert "would mislabel" in one_line(capsys.readouterr().err)
     with ResultStore(db) as store:
         assert store.records() == []
+
+
+def test_report_survives_malformed_rows_already_in_the_database(tmp_path, capsys):
+    import sqlite3
+
+    db = tmp_path / "r.sqlite"
+    good = _record()
+    with ResultStore(db) as store:
+        store.add([good])
+    bad = _record(breakdown={"by_layer": [1, 2]})
+    with sqlite3.connect(db) as connection:  # as an older version could have stored it
+        connection.execute(
+            "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (bad["id"], bad["created"], "cpu", "m", "tome", "r=8", 8, "onnx", "t", 1, 5.0, json.dumps(bad)),
+        )
+    assert cli_run(["report", "--db", str(db), "--plots", str(tmp_path / "plots")]) == 0
+    assert "left out 1 malformed stored result" in capsys.readouterr().err

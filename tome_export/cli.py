@@ -261,6 +261,8 @@ def report_command(db, as_json, plots, import_file, device, model, quiet):
             progress.say(f"imported {added} new result(s) from {import_file}")
         where = {k: v for k, v in (("device", device), ("model", model)) if v}
         records = store.records(**where)
+        if store.unreadable:
+            progress.say(f"note: left out {store.unreadable} malformed stored result(s) in {store.path}")
     rows = summarize(records)
     if plots:
         for path in write_plots(records, rows, plots):

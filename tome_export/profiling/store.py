@@ -123,6 +123,7 @@ def validate_record(rec: object) -> None:
 class ResultStore:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else default_db_path()
+        self.unreadable = 0  # rows the last records() call left out (malformed, from older versions)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -197,7 +198,18 @@ class ResultStore:
             + " ORDER BY created, rowid"
         )
         rows = _retry(lambda: self.connection.execute(sql, tuple(where.values())).fetchall())
-        return [json.loads(row[0]) for row in rows]
+        # Rows stored by older versions (before records were validated) that readers can't use
+        # are left out and counted, not allowed to crash the report.
+        records, self.unreadable = [], 0
+        for (text,) in rows:
+            try:
+                record = json.loads(text)
+                validate_record(record)
+            except (ValueError, TypeError, RecursionError):
+                self.unreadable += 1
+                continue
+            records.append(record)
+        return records
 
 
 def results_document(records: list[dict]) -> dict:
