@@ -180,6 +180,39 @@ def _symlink_block_weights(bundle: Path, outside: Path) -> None:
     name.symlink_to(outside / name.name)
 
 
+def _fifo_as_model(bundle: Path, outside: Path) -> None:
+    (bundle / "model.onnx").unlink()
+    os.mkfifo(bundle / "model.onnx")
+
+
+def _folder_as_model(bundle: Path, outside: Path) -> None:
+    (bundle / "model.onnx").unlink()
+    (bundle / "model.onnx").mkdir()
+
+
+def _hardlink_is_just_a_file(bundle: Path, outside: Path) -> None:
+    shutil.copy(bundle / "model.onnx", outside / "model.onnx")
+    (bundle / "model.onnx").unlink()
+    os.link(outside / "model.onnx", bundle / "model.onnx")  # same bytes: allowed, it is a regular file
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [(_fifo_as_model, "not a regular file"), (_folder_as_model, "not a regular file"), (_hardlink_is_just_a_file, None)],
+    ids=["fifo", "folder", "hardlink"],
+)
+def test_special_files_in_place_of_an_artifact(adv_tiny, copy_of, tmp_path, case, message):
+    bundle = copy_of(adv_tiny)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    case(bundle, outside)
+    if message is None:
+        assert rt.load(bundle).run({"x": np.zeros((1, 3, 64, 64), np.float32)})
+        return
+    with pytest.raises(BundleError, match=message):
+        rt.load(bundle)
+
+
 SYMLINK_CASES = {
     "model-to-outside": _symlink_model_outside,
     "model-to-inside": _symlink_model_inside,

@@ -43,7 +43,8 @@ def open_inside(root: Path, relative: str) -> int:
     try:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
-            flags = os.O_RDONLY | _NOFOLLOW | (0 if last else _DIRECTORY)
+            # O_NONBLOCK: a FIFO swapped in after the lstat must not hang the open.
+            flags = os.O_RDONLY | _NOFOLLOW | (getattr(os, "O_NONBLOCK", 0) if last else _DIRECTORY)
             try:
                 info = os.lstat(part, dir_fd=fd)
             except FileNotFoundError:
