@@ -198,7 +198,11 @@ def _hardlink_is_just_a_file(bundle: Path, outside: Path) -> None:
 
 @pytest.mark.parametrize(
     ("case", "message"),
-    [(_fifo_as_model, "not a regular file"), (_folder_as_model, "not a regular file"), (_hardlink_is_just_a_file, None)],
+    [
+        (_fifo_as_model, "not a regular file"),
+        (_folder_as_model, "not a regular file"),
+        (_hardlink_is_just_a_file, None),
+    ],
     ids=["fifo", "folder", "hardlink"],
 )
 def test_special_files_in_place_of_an_artifact(adv_tiny, copy_of, tmp_path, case, message):

@@ -306,6 +306,15 @@ def test_profile_sweep_needs_trust_source(adv_tiny, copy_of, tmp_path, capsys):
     assert "pass --trust-source" in one_line(capsys.readouterr().err)
 
 
+def test_source_given_by_the_user_replaces_the_manifests(adv_tiny, copy_of, tmp_path, capsys):
+    bundle = copy_of(adv_tiny)
+    _with_source(bundle, "os:abort")
+    args = ["profile", str(bundle), "--runs", "1", "--warmup", "0", "--source", "samples.reference_vit:vit_tiny_test"]
+    assert cli_run([*args, "--db", str(tmp_path / "r.sqlite"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)["results"][0]
+    assert record["fidelity"]["cosine"] > 0.5 and record["model"] == "samples.reference_vit:vit_tiny_test"
+
+
 def test_trust_source_says_what_it_imports(adv_tiny, copy_of, tmp_path, capsys, monkeypatch):
     name = f"adv_payload_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(PAYLOAD.replace("raise SystemExit(0)", "return None"))

@@ -207,10 +207,11 @@ def _sweep_values(text: str | None) -> list[int] | None:
     is_flag=True,
     help="Re-load the source model the manifest names (runs its code) for fidelity, --sweep, --batch-sizes.",
 )
+@click.option("--source", default=None, help="MODEL to compare with / re-export (instead of the manifest's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def profile_command(
-    bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, trust_source, as_json, quiet
+    bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, trust_source, source, as_json, quiet
 ):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
@@ -222,7 +223,7 @@ def profile_command(
     sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity, trust_source
+            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity, trust_source, source
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")

@@ -47,7 +47,9 @@ def _onnxruntime_backend(bundle_dir: Path, artifact: str, manifest: dict, provid
         device = profiles().get(manifest.get("device") or "cpu")
         providers = tuple(device.providers) if device and device.providers else ("CPUExecutionProvider",)
     graph = read_verified(bundle_dir, manifest, artifact)
-    external = {local: read_verified(bundle_dir, manifest, name) for local, name in external_files(manifest, artifact, graph)}
+    external = {
+        local: read_verified(bundle_dir, manifest, name) for local, name in external_files(manifest, artifact, graph)
+    }
     plugin = PLUGIN_DOMAIN in (manifest.get("custom_domains") or [])
     try:
         return OnnxRuntimeRunner(graph, providers=providers, plugin_ops=plugin or None, external_files=external)

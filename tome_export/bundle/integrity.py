@@ -82,9 +82,7 @@ def _check_size(root: Path, relative: str, size: int, entry: dict) -> None:
 
 def _check_digest(root: Path, relative: str, digest: str, entry: dict) -> None:
     if digest != entry["sha256"]:
-        raise BundleError(
-            f"bundle {root}: {relative} fails its sha256 check; the file was altered, export it again"
-        )
+        raise BundleError(f"bundle {root}: {relative} fails its sha256 check; the file was altered, export it again")
 
 
 def _entry(root: Path, manifest: dict, relative: str) -> dict:

@@ -24,9 +24,7 @@ TOOL = "tome-export"
 MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_PATH_CHARS = 1024
 # dtypes an input or output may declare (numpy names, as the exporter writes them).
-DTYPES = frozenset(
-    "float16 float32 float64 bfloat16 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool".split()
-)
+DTYPES = frozenset("float16 float32 float64 bfloat16 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool".split())
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -69,9 +69,7 @@ def check_output_path(out: str | os.PathLike | None) -> None:
         raise UserError(f"-o {text!r} is a filesystem root; give a folder for the bundle")
     cwd = Path(os.getcwd())
     if absolute == cwd or absolute in cwd.parents:
-        raise UserError(
-            f"-o {text!r} is the current folder or one holding it; run from outside it or use a new folder"
-        )
+        raise UserError(f"-o {text!r} is the current folder or one holding it; run from outside it or use a new folder")
 
 
 def foreign_entries(folder: Path) -> list[str] | None:

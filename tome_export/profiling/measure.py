@@ -289,14 +289,19 @@ def profile_bundle(
     trust_pickle: bool = False,
     with_fidelity: bool = True,
     trust_source: bool = False,
+    source: str | None = None,
 ) -> list[dict]:
     """Profile a bundle (and its re-exports for other batch sizes / sweep ratios): one record each.
 
     Re-exports and the fidelity reference load the source model the manifest names: only
-    with ``trust_source`` (fidelity is skipped with a note otherwise)."""
+    with ``trust_source`` (fidelity is skipped with a note otherwise), or ``source``: the
+    MODEL the user names instead (then the manifest's is not used)."""
     progress = progress or Progress(quiet=True)
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
+    if source is not None:
+        manifest = {**manifest, "source": {**(manifest.get("source") or {}), "model": source, "weights": None}}
+        trust_source = True
     device = get_device(device_name or manifest.get("device") or "cpu")
     if (manifest.get("target") or "onnx") != "onnx" or not manifest.get("artifact"):
         raise UserError(

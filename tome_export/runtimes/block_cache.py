@@ -122,7 +122,9 @@ class BlockCache:
 
         start = time.perf_counter()
         spec = self.blocks[index]
-        data = {name: read_block_file(self.root, name, digest, self.verify_files) for name, digest in spec.files.items()}
+        data = {
+            name: read_block_file(self.root, name, digest, self.verify_files) for name, digest in spec.files.items()
+        }
         folder = posixpath.dirname(spec.artifact)
         external = {posixpath.relpath(n, folder or "."): b for n, b in data.items() if n != spec.artifact}
         try:
