@@ -360,3 +360,23 @@ def test_report_survives_malformed_rows_already_in_the_database(tmp_path, capsys
         )
     assert cli_run(["report", "--db", str(db), "--plots", str(tmp_path / "plots")]) == 0
     assert "left out 1 malformed stored result" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_unexpected_errors_are_one_line_exit_70(monkeypatch, capsys, debug):
+    import tome_export.devices as devices
+
+    def broken():
+        raise RuntimeError("a bug\nwith a second line")
+
+    monkeypatch.setattr(devices, "profiles", broken)
+    if debug:
+        monkeypatch.setenv("TOME_EXPORT_DEBUG", "1")
+    else:
+        monkeypatch.delenv("TOME_EXPORT_DEBUG", raising=False)
+    assert cli_run(["devices"]) == 70
+    err = capsys.readouterr().err
+    if debug:
+        assert "Traceback" in err and "TOME_EXPORT_DEBUG=1" in err
+    else:
+        assert "please report it" in one_line(err) and "second line" not in err
