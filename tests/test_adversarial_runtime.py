@@ -143,6 +143,14 @@ def test_runtime_modules_import_nothing_heavy():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
+def test_runtime_plugin_contract_matches_the_exporters():
+    from tome_export.exporter import plugin_lowering as exporter
+    from tome_export.runtimes import ort_custom_ops as runtime
+
+    for name in ("PLUGIN_DOMAIN", "PLUGIN_OP_TYPE", "PLUGIN_MODES", "TOMESD_OP_TYPE", "TOMESD_ATTRIBUTES"):
+        assert getattr(runtime, name) == getattr(exporter, name), name
+
+
 def test_a_broken_graph_inside_a_valid_bundle_is_one_line(adv_tiny, copy_of):
     import hashlib
 

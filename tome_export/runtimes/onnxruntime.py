@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-PLUGIN_DOMAIN = "tome_export"  # the plugin lowering's custom-op domain (exporter/plugin_lowering.py)
+from tome_export.runtimes.ort_custom_ops import PLUGIN_DOMAIN
+
 NO_EXTERNAL_FOLDER = "/nonexistent/tome-export-external-data-comes-from-memory"
 
 
