@@ -594,18 +594,8 @@ def _with_input_names(names: list[str]) -> type[GraphMergedModel]:
 
 
 def as_schedule(r: int | None, schedule) -> schedules.Schedule:
-    """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes."""
-    if (r is None) == (schedule is None):
-        raise UserError("give exactly one of r= or schedule= for method 'tome'")
-    if r is not None:
-        return schedules.constant(r)
-    if isinstance(schedule, schedules.Schedule):
-        return schedule
-    if isinstance(schedule, tuple) and len(schedule) == 2 and isinstance(schedule[1], float):
-        return schedules.Schedule("linear", r=int(schedule[0]), inflection=float(schedule[1]))
-    if any(v < 0 for v in schedule):
-        raise UserError(f"schedule {list(schedule)}: every r must be ≥ 0")
-    return schedules.Schedule("list", per_layer=tuple(int(v) for v in schedule))
+    """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes (one parser for both)."""
+    return schedules.coerce(r, schedule)
 
 
 def _to_program(model_or_program, example_inputs: tuple) -> torch.export.ExportedProgram:
