@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from tome_export.contract import BIPARTITE_OP_TYPE as PLUGIN_OP_TYPE
+from tome_export.contract import PLUGIN_DOMAIN, PLUGIN_VERSION
 from tome_export.exporter import dense_lowering
 from tome_export.exporter.lowerings import LOWERINGS, get_lowering
 from tome_export.exporter.onnx_export import translation_table
-from tome_export.contract import BIPARTITE_OP_TYPE as PLUGIN_OP_TYPE
-from tome_export.contract import PLUGIN_DOMAIN, PLUGIN_VERSION
 from tome_export.merging import bipartite
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 from tome_export.targets import get_target

@@ -44,6 +44,15 @@ def qualified_op(op_type: str) -> str:
     return f"{PLUGIN_DOMAIN}::{op_type}"
 
 
+def uses_plugin_domain(model) -> bool:
+    """Whether an ``onnx.ModelProto`` has nodes or functions of the plugin domain (top-level graph).
+
+    Duck-typed (``model.graph.node``, ``model.functions``): no onnx import needed."""
+    return any(node.domain == PLUGIN_DOMAIN for node in model.graph.node) or any(
+        f.domain == PLUGIN_DOMAIN for f in model.functions
+    )
+
+
 def decision_names(count: int) -> list[str]:
     """The names of ``count`` decision outputs, one per merging layer, in layer order."""
     return [f"{DECISION_PREFIX}{i}" for i in range(count)]
@@ -66,4 +75,5 @@ __all__ = [
     "TRT_TOPK_MAX_K",
     "decision_names",
     "qualified_op",
+    "uses_plugin_domain",
 ]

@@ -28,8 +28,8 @@ from tome_export.merging.methods import method_options
 from tome_export.options import ExportOptions, parse_input_shape
 from tome_export.progress import Progress
 from tome_export.targets import ExportContext, Target, get_target
-from tome_export.targets.export_path import build_bundle
-from tome_export.targets.video import add_dynamic_loading, check_budget_fits, resolve_budget
+from tome_export.targets.export_path import build_bundle, build_single
+from tome_export.targets.video import add_dynamic_loading, build_tdtm_variants, check_budget_fits, resolve_budget
 
 
 def default_out(name: str, method: Method, method_opts: dict, target: Target) -> Path:
@@ -106,7 +106,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
                 "merge": _merge_manifest(model, method),
             }
         )
-        build_bundle(ctx, target, variants=method.variants)
+        build_bundle(ctx, target, build_tdtm_variants if method.variants else build_single)
         if budget is not None:
             add_dynamic_loading(ctx, budget)
         manifest = bundle.write_manifest(ctx.manifest)

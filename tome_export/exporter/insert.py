@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 from tome_export.merging import ops  # noqa: F401  (registers tome_export::bipartite_merge)
 from tome_export.merging import schedule as schedules
 from tome_export.merging.tome import TomeState
@@ -488,7 +488,7 @@ SIZE_FIXERS: dict[object, FixFn] = {
 
 
 def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return first_line(exc, 200)
 
 
 def _rerun(gm: fx.GraphModule, node: fx.Node, env: dict, old_shapes: dict, base_tokens: int):

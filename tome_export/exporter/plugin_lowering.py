@@ -35,6 +35,7 @@ from tome_export.contract import (
     TOMESD_INPUTS,
     TOMESD_OP_TYPE,
     TOMESD_OUTPUTS,
+    uses_plugin_domain,  # noqa: F401  (runtimes/onnxruntime.py imports it from here)
 )
 
 
@@ -118,8 +119,3 @@ def tomesd_merge_plugin(metric, x, h: int, w: int, sx: int, sy: int, r: int, see
     )
 
 
-def uses_plugin_domain(model) -> bool:
-    """Whether an ``onnx.ModelProto`` has nodes of the plugin domain (top-level graph)."""
-    return any(node.domain == PLUGIN_DOMAIN for node in model.graph.node) or any(
-        f.domain == PLUGIN_DOMAIN for f in model.functions
-    )

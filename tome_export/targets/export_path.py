@@ -11,6 +11,7 @@ path only through the hooks of its :class:`~tome_export.targets.base.Target` rec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tome_export.exporter.onnx_export import OnnxExport, export_onnx
@@ -78,16 +79,15 @@ def build_single(ctx: ExportContext, target: Target, artifact: str = MAIN_ARTIFA
     return exported
 
 
-def build_bundle(ctx: ExportContext, target: Target, variants: bool = False) -> None:
-    """Everything a target writes: one graph, or TDTM's variants when the method asks for them."""
+Builder = Callable[[ExportContext, Target], Any]
+
+
+def build_bundle(ctx: ExportContext, target: Target, builder: Builder = build_single) -> None:
+    """Everything a target writes: the target's checks first, then one graph (``build_single``)
+    or, for methods that ship variants, ``video.build_tdtm_variants``."""
     if target.prepare is not None:
         target.prepare(ctx)
-    if variants:
-        from tome_export.targets.video import build_tdtm_variants
-
-        build_tdtm_variants(ctx, target)
-    else:
-        build_single(ctx, target)
+    builder(ctx, target)
 
 
 __all__ = ["MAIN_ARTIFACT", "build_bundle", "build_single", "default_export", "default_verifier", "export_and_verify"]
