@@ -33,9 +33,7 @@ TINY = "samples.reference_vit:vit_tiny_test"
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 # -- bug 1: one schedule parser, one meaning ------------------------------------------------

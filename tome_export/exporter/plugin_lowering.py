@@ -117,5 +117,3 @@ def tomesd_merge_plugin(metric, x, h: int, w: int, sx: int, sy: int, r: int, see
     return plugin_opset.TomesdMerge(
         metric, x, h=int(h), w=int(w), sx=int(sx), sy=int(sy), r=int(r), seed=int(seed), _outputs=2
     )
-
-
