@@ -39,7 +39,6 @@ class ExportContext:
     progress: Progress
     bundle_dir: Path
     manifest: dict = field(default_factory=dict)
-    scratch: dict[str, Any] = field(default_factory=dict)  # what one hook leaves for a later one
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
         from tome_export.inputs import make_inputs

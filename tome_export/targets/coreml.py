@@ -28,7 +28,6 @@ from tome_export.targets.coreml_chunks import split_into_chunks
 from tome_export.targets.coreml_mil import (
     audit_neural_engine,
     convert_program,
-    coremltools_available,
     program_structure,
     require_coremltools,
 )
@@ -133,4 +132,4 @@ TARGET = Target(
     uses_onnx_lowering=False,
 )
 
-__all__ = ["TARGET", "coremltools_available", "split_into_chunks", "weight_bytes"]
+__all__ = ["TARGET", "build_mlpackages", "export_standin"]
