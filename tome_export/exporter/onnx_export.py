@@ -31,7 +31,7 @@ from tome_export.merging.ops import OP_NAMESPACE, merge_op_overloads
 DEFAULT_OPSET = 18
 
 
-class _WithDecisions(nn.Module):
+class WithDecisions(nn.Module):
     """Returns the model's outputs followed by every merging layer's slot map."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -57,11 +57,6 @@ class OnnxExport:
     rewrites: list[dict] = field(default_factory=list)
     lowering_notes: list[dict] = field(default_factory=list)  # e.g. the dense lowering's cost per merge
     custom_domains: list[str] = field(default_factory=list)  # non-ONNX domains the graph needs a runtime for
-
-
-def with_decisions(model: nn.Module) -> nn.Module:
-    """``model`` wrapped to return its outputs followed by every merging layer's slot map."""
-    return _WithDecisions(model)
 
 
 def input_names_for(model: nn.Module, count: int) -> list[str]:
@@ -125,7 +120,7 @@ def export_onnx(
 ) -> OnnxExport:
     """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked.
 
-    ``program``: an ``ExportedProgram`` of ``with_decisions(model)`` made elsewhere (Core ML
+    ``program``: an ``ExportedProgram`` of ``WithDecisions(model)`` made elsewhere (Core ML
     lowers merges to dense ATen ops in torch first); default: torch.export of the model."""
     model.eval()
     with torch.no_grad():
@@ -137,7 +132,7 @@ def export_onnx(
     decision_names = decision_output_names(len(state.slots) if state is not None else 0)
     log = ExportLog()
     with _quiet(), recording(log):
-        exported_program = program or torch.export.export(with_decisions(model), tuple(example_inputs), strict=False)
+        exported_program = program or torch.export.export(WithDecisions(model), tuple(example_inputs), strict=False)
         _check_translations(exported_program, lowering)
         tracer_rewrites = tracer.rewrite_program(exported_program)
         onnx_program = torch.onnx.export(

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 
 from tome_export.errors import VerificationError
-from tome_export.exporter.onnx_export import OnnxExport, export_onnx, with_decisions
+from tome_export.exporter.onnx_export import OnnxExport, WithDecisions, export_onnx
 from tome_export.targets.base import ExportContext, Target
 from tome_export.targets.common import check_memory_budget, weight_bytes
 from tome_export.targets.coreml_chunks import split_into_chunks
@@ -45,7 +45,7 @@ def export_standin(ctx: ExportContext) -> OnnxExport:
     from tome_export.merging.dense import export_dense
 
     inputs = ctx.example_inputs()
-    program = export_dense(with_decisions(ctx.model), inputs)
+    program = export_dense(WithDecisions(ctx.model), inputs)
     return export_onnx(ctx.model, inputs, ctx.lowering, ctx.options.opset, program=program)
 
 
