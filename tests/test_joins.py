@@ -217,6 +217,31 @@ def test_export_logs_belong_to_one_export():
     assert [n["r"] for n in dense.lowering_notes] == [8, 8, 8, 8]
 
 
+def test_export_logs_of_concurrent_exports_stay_apart():
+    """Two exports in two threads append in lockstep; each log holds only its own entries."""
+    import threading
+
+    from tome_export.exporter.export_log import ExportLog, current, recording
+
+    barrier = threading.Barrier(2)
+    logs = {name: ExportLog() for name in ("a", "b")}
+
+    def export(name: str) -> None:
+        with recording(logs[name]):
+            for step in range(50):
+                barrier.wait()  # both exports are inside their translations at once
+                current().notes.append({"export": name, "step": step})
+
+    threads = [threading.Thread(target=export, args=(name,)) for name in logs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, log in logs.items():
+        assert [n["export"] for n in log.notes] == [name] * 50
+    assert current().notes == []  # outside any export: a fresh, throwaway log
+
+
 # -- the contract -------------------------------------------------------------------------------
 
 
