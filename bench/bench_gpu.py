@@ -15,6 +15,8 @@ import statistics
 import sys
 import time
 
+from tome_export.errors import first_line
+
 
 def _gpu_or_exit() -> None:
     import torch
@@ -118,7 +120,7 @@ def main() -> None:
     try:
         report["ort_cuda"] = bench_ort(args.runs, args.model)
     except Exception as exc:  # onnxruntime-gpu / timm missing: keep the kernel numbers
-        report["ort_cuda"] = {"skipped": (str(exc).splitlines() or [type(exc).__name__])[0]}
+        report["ort_cuda"] = {"skipped": first_line(exc)}
     print(json.dumps(report))
 
 
