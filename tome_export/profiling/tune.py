@@ -60,7 +60,7 @@ def tune(
     """Use stored points for (model, device, input shape, this version); measure missing candidates."""
     from tome_export.devices import get_device
     from tome_export.pipeline import ExportOptions, export
-    from tome_export.profiling.measure import profile_bundle, token_cap
+    from tome_export.profiling.sweep import profile_bundle, token_cap
 
     progress = progress or Progress(quiet=True)
     profile = get_device(device)
