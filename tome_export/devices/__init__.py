@@ -1,4 +1,8 @@
-"""Device profiles as data: one JSON file per device in ``profiles/``."""
+"""Device profiles as data: one JSON file per device in ``profiles/``.
+
+Owns :class:`DeviceProfile` (target, precision, lowering, runtime, providers, memory budget
+and device-specific extras) and loading/listing the profiles; no code per device.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""torch.export → ONNX with the merge op translated by a chosen lowering."""
+"""torch.export → ONNX with the merge op translated by a chosen lowering.
+
+Owns :func:`export_onnx` (one call: torch.export, custom translations, the ONNX model with
+and without the merge-decision outputs) and :class:`OnnxExport`, what it returns; the
+lowerings themselves live in ``lowerings.py`` and the ``*_lowering.py`` modules.
+"""
 
 from __future__ import annotations
 

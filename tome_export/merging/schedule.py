@@ -1,4 +1,9 @@
-"""r schedules: how many tokens each layer merges, and the static token counts."""
+"""r schedules: how many tokens each layer merges, and the static token counts.
+
+Owns :class:`Schedule` (constant, per-layer list or linear), parsing a schedule from text
+and :func:`plan`, which turns the requested r per layer into the r actually merged (capped
+by what each layer's token count allows) and the token count entering each layer.
+"""
 
 from __future__ import annotations
 

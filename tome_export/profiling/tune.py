@@ -1,4 +1,9 @@
-"""Pick the merge ratio that meets a latency budget with the best fidelity, from measured points."""
+"""Pick the merge ratio that meets a latency budget with the best fidelity, from measured points.
+
+Owns ``tome-export tune``: parsing the budget, reusing points from the result store for the
+same model, device, input shape and tool version, measuring the missing candidates (export +
+:func:`tome_export.profiling.sweep.profile_bundle`) and choosing among them.
+"""
 
 from __future__ import annotations
 

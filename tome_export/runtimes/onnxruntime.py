@@ -1,4 +1,9 @@
-"""ONNX Runtime runner (CPU; CUDA when onnxruntime-gpu is installed)."""
+"""ONNX Runtime runner (CPU; CUDA when onnxruntime-gpu is installed).
+
+Owns :class:`OnnxRuntimeRunner`: one session per model (plugin-op library registered when
+the graph uses the plugin domain, optional profiling, spinning on or off), run on dicts of
+numpy arrays.
+"""
 
 from __future__ import annotations
 

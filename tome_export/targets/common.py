@@ -1,4 +1,6 @@
-"""Small helpers shared by the targets."""
+"""Steps every target shares: verifying an exported model against the eager patched model
+(output error and merge decisions, several seeds) and checking a device profile's memory
+budget against the model's weights at the profile's precision."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""``--target onnx``: an ONNX graph verified on ONNX Runtime."""
+"""``--target onnx``: an ONNX graph verified on ONNX Runtime.
+
+Owns the ONNX target: export with the chosen lowering, verification on ONNX Runtime (CPU, or
+CUDA graphs for NVIDIA device profiles), saving the graph and its input/output specs for the
+manifest.
+"""
 
 from __future__ import annotations
 
