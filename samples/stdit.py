@@ -21,7 +21,7 @@ from torch import nn
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # Written out rather than F.scaled_dot_product_attention: the exporter's SDPA
-    # decomposition changes strides under the following reshape (see DESIGN.md).
+    # decomposition changes strides under the following reshape.
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
