@@ -9,6 +9,7 @@ torch/onnx/TensorRT installed. Every ``import`` statement of the package counts,
 - imports under ``if TYPE_CHECKING:`` count too: they never run, but a module that needs
   another's types to be read depends on it all the same (``targets`` ↔ ``pipeline`` is such a
   cycle). Messages mark each edge ``[function]`` or ``[type-only]`` so the fix is obvious;
+- ``importlib.import_module("tome_export.x")`` with a literal name counts as ``import``;
 - ``from tome_export.a import b`` is an edge to ``tome_export.a.b`` when that is a module,
   else to ``tome_export.a``; importing ``tome_export.a.b`` also runs ``tome_export/a/__init__.py``,
   so there is an edge to every enclosing package the importer is not itself inside of (a
@@ -42,6 +43,14 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
+def _is_import_module_call(node: ast.AST) -> bool:
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+        return False
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    return name == "import_module" and isinstance(node.args[0].value, str)
+
+
 KIND_ORDER = {"module": 0, "function": 1, "type-only": 2}  # strongest first
 
 
@@ -57,6 +66,8 @@ def _import_nodes(tree: ast.AST):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield kind, node
+        elif _is_import_module_call(node):  # importlib.import_module("tome_export.x"): same edge
+            yield kind, ast.Import(names=[ast.alias(name=node.args[0].value)])
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and kind == "module":
             kind = "function"
         stack.extend((kind, child) for child in ast.iter_child_nodes(node))
@@ -243,9 +254,12 @@ def test_cycle_finder_finds_function_level_and_package_cycles(tmp_path):
     graph = {"p.a": {"p.b"}, "p.b": {"p.c"}, "p.c": {"p.a"}, "p.d": {"p.a"}, "p.e": set()}
     assert _cycles(graph) == [["p.a", "p.b", "p.c"]]
     assert _path(graph, "p.a", "p.c", set(graph)) == ["p.a", "p.b", "p.c"]
-    source = "import os\nif TYPE_CHECKING:\n    import tome_export.x\ndef f():\n    from . import y\n"
+    source = (
+        "import os\nif TYPE_CHECKING:\n    import tome_export.x\ndef f():\n    from . import y\n"
+        "    return importlib.import_module('tome_export.z')\n"
+    )
     found = sorted((kind, type(node).__name__) for kind, node in _import_nodes(ast.parse(source)))
-    assert found == [("function", "ImportFrom"), ("module", "Import"), ("type-only", "Import")]
+    assert found == [("function", "Import"), ("function", "ImportFrom"), ("module", "Import"), ("type-only", "Import")]
     modules = {"tome_export", "tome_export.pkg", "tome_export.pkg.y", "tome_export.pkg.z"}
     relative = ast.parse("from . import y\nfrom .z import thing\nfrom .. import pkg").body
     got = [_targets(n, "tome_export.pkg.x", False, modules) for n in relative]
