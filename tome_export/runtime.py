@@ -23,7 +23,7 @@ import numpy as np
 
 from tome_export.bundle import BundleError, read_verified, verify_bundle
 from tome_export.bundle.integrity import external_files
-from tome_export.errors import BackendMissing, UserError
+from tome_export.errors import BackendMissing, UserError, first_line
 
 
 class InputError(UserError):
@@ -56,8 +56,7 @@ def _onnxruntime_backend(bundle_dir: Path, artifact: str, manifest: dict, provid
     except (UserError, BackendMissing):
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load {artifact}: {first[:300]}") from None
+        raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot load {artifact}: {first_line(exc, 300)}") from None
 
 
 BACKENDS: dict[str, Backend] = {"onnx": _onnxruntime_backend}
@@ -181,8 +180,7 @@ class Session:
         except UserError:
             raise
         except Exception as exc:  # ONNX Runtime's own complaint about the feeds, in one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InputError(f"{self.bundle_dir}: the model rejected the inputs: {first[:300]}") from None
+            raise InputError(f"{self.bundle_dir}: the model rejected the inputs: {first_line(exc, 300)}") from None
 
     def _top_level_blocks(self, holder: dict) -> bool:
         return bool(self.manifest.get("dynamic_loading")) and holder.get("artifact") == self.manifest.get("artifact")

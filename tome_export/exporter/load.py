@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 
 class ExportedModule(nn.Module):
@@ -102,7 +102,7 @@ def _from_timm(name: str, weights: str | None) -> nn.Module:
         try:
             model.load_state_dict(_load_state_dict(weights))
         except Exception as exc:  # RuntimeError for missing/unexpected keys and size mismatches
-            raise UserError(f"--weights {weights} does not fit timm:{name}: {_first_line(exc)}") from None
+            raise UserError(f"--weights {weights} does not fit timm:{name}: {_error_summary(exc)}") from None
     return model
 
 
@@ -115,19 +115,20 @@ def _from_factory(spec: str) -> nn.Module:
     except ImportError as exc:
         raise UserError(f"cannot import {module_name!r} for MODEL {spec!r}: {exc}") from None
     except (Exception, SystemExit) as exc:  # a syntax error or an exception raised while importing it
-        raise UserError(f"importing {module_name!r} for MODEL {spec!r} failed: {_first_line(exc)}") from None
+        raise UserError(f"importing {module_name!r} for MODEL {spec!r} failed: {_error_summary(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserError(f"{module_name} has no callable {attr!r} (MODEL is package.module:callable)")
     try:
         return factory()
     except (Exception, SystemExit) as exc:
-        raise UserError(f"MODEL factory {spec!r} raised {_first_line(exc)}; fix the factory") from None
+        raise UserError(f"MODEL factory {spec!r} raised {_error_summary(exc)}; fix the factory") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def _error_summary(exc: BaseException) -> str:
+    """``"ZeroDivisionError: division by zero"``: a user's code failed, so name the exception too."""
+    text = first_line(exc, 300)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _from_file(path: str, trust_pickle: bool) -> nn.Module:
@@ -191,7 +192,7 @@ def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         # ValueError covers malformed JSON and non-UTF-8 metadata (UnicodeDecodeError)
         raise UserError(
-            f"{path} is not a readable torch.export archive ({_first_line(exc)}); save one with torch.export.save"
+            f"{path} is not a readable torch.export archive ({_error_summary(exc)}); save one with torch.export.save"
         ) from None
     if unsafe and not trust_pickle:
         raise UserError(
@@ -203,8 +204,7 @@ def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(str(file))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load {path} with torch.export.load: {first}") from None
+        raise UserError(f"cannot load {path} with torch.export.load: {first_line(exc)}") from None
 
 
 def program_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ...] | None:
@@ -244,6 +244,6 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         try:
             module.load_state_dict(state)
         except Exception as exc:
-            raise UserError(f"--weights {weights} does not fit MODEL {spec!r}: {_first_line(exc)}") from None
+            raise UserError(f"--weights {weights} does not fit MODEL {spec!r}: {_error_summary(exc)}") from None
     module.eval()
     return LoadedModel(module, short, spec, default_input_shape(module))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 RESULTS_SCHEMA = "tome-export-results"
 RESULTS_SCHEMA_VERSION = 1
@@ -228,7 +228,7 @@ def read_results_file(path: str | Path) -> list[dict]:
     try:
         document = json.loads(path.read_bytes().decode("utf-8"), parse_constant=reject)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise UserError(f"{path} is not valid JSON: {str(exc).splitlines()[0][:200]}") from None
+        raise UserError(f"{path} is not valid JSON: {first_line(exc, 200)}") from None
     except RecursionError:
         raise UserError(f"{path} is nested too deeply to be a results file") from None
     except OSError as exc:

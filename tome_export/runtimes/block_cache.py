@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tome_export.bundle.integrity import open_inside
 from tome_export.bundle.manifest import BundleError, check_relative_path
+from tome_export.errors import first_line
 from tome_export.runtimes.memory import drop_from_page_cache, release_freed_memory
 
 
@@ -136,8 +137,7 @@ class BlockCache:
                 plugin_ops=False,
             )
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BlockFileError(f"cannot load block file {spec.artifact}: {first}") from None
+            raise BlockFileError(f"cannot load block file {spec.artifact}: {first_line(exc)}") from None
         return runner, time.perf_counter() - start
 
     def resident_bytes(self) -> int:

@@ -1,5 +1,9 @@
 """ONNX Runtime runner (CPU; CUDA when onnxruntime-gpu is installed).
 
+Owns :class:`OnnxRuntimeRunner`: one session per model (plugin-op library registered when
+the graph uses the plugin domain, optional profiling, spinning on or off), run on dicts of
+numpy arrays.
+
 Imports only onnxruntime and numpy at use (``onnx`` only when handed an ``onnx.ModelProto``),
 so deployed apps run bundles without torch or onnx. A model given as bytes may reference
 external data only through ``external_files`` (verified bytes kept in memory): ONNX Runtime
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tome_export.runtimes.ort_custom_ops import PLUGIN_DOMAIN
+from tome_export.contract import PLUGIN_DOMAIN
 
 NO_EXTERNAL_FOLDER = "/nonexistent/tome-export-external-data-comes-from-memory"
 
@@ -87,6 +91,7 @@ class OnnxRuntimeRunner:
             options.intra_op_num_threads = intra_op_threads
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix

@@ -13,15 +13,11 @@ import functools
 
 import numpy as np
 
+from tome_export.contract import BIPARTITE_MODES as PLUGIN_MODES
+from tome_export.contract import BIPARTITE_OP_TYPE as PLUGIN_OP_TYPE
+from tome_export.contract import PLUGIN_DOMAIN, TOMESD_ATTRIBUTES, TOMESD_OP_TYPE
 from tome_export.errors import BackendMissing
 from tome_export.runtimes.merge_numpy import bipartite_merge, tomesd_merge
-
-# The node contract (exporter/plugin_lowering.py writes it; kept here without onnx imports).
-PLUGIN_DOMAIN = "tome_export"
-PLUGIN_OP_TYPE = "BipartiteMerge"
-PLUGIN_MODES = ("weighted_mean",)
-TOMESD_OP_TYPE = "TomesdMerge"
-TOMESD_ATTRIBUTES = ("h", "w", "sx", "sy", "r", "seed")
 
 
 def bipartite_merge_numpy(
