@@ -17,6 +17,7 @@ from torch import nn
 
 from tome_export import __version__
 from tome_export.bundle import BundleWriter, preprocessing_for
+from tome_export.bundle.preflight import check_export_options
 from tome_export.devices import get_device
 from tome_export.errors import UserError, first_line
 from tome_export.exporter.insert import has_patcher, insert_for_export
@@ -57,6 +58,7 @@ def _lowering_for(options: ExportOptions, target: Target, device) -> str:
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
     """Run the whole export; returns (bundle path, manifest). Raises UserError on bad input."""
     progress = progress or Progress(quiet=True)
+    check_export_options(options)
     device = get_device(options.device or "cpu")
     target = get_target(options.target or device.default_target)
     lowering = _lowering_for(options, target, device)
@@ -90,7 +92,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             model(*make_inputs(model, input_shapes, 0))
     except Exception as exc:
         raise UserError(f"{options.model} rejects input shape {input_shapes}: {first_line(exc)}") from None
-    with BundleWriter(out) as bundle:
+    writer = BundleWriter(out, force=options.force)
+    with writer as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)
         ctx.manifest.update(
             {
@@ -110,6 +113,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         if budget is not None:
             add_dynamic_loading(ctx, budget)
         manifest = bundle.write_manifest(ctx.manifest)
+    if writer.aside is not None:
+        progress.say(f"--force: the folder that was at {out} is kept as {writer.aside}")
     return out, manifest
 
 
