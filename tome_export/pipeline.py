@@ -220,5 +220,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             from tome_export.targets.video import add_dynamic_loading
 
             add_dynamic_loading(ctx, budget)
+        if target.finalize is not None:
+            target.finalize(ctx)
         manifest = bundle.write_manifest(ctx.manifest)
     return out, manifest

@@ -51,6 +51,7 @@ class Target:
     lowerings: tuple[str, ...]
     build: Callable[[ExportContext], None]
     uses_onnx_lowering: bool = True  # False: the target lowers merges itself (Core ML: dense torch ops)
+    finalize: Callable[[ExportContext], None] | None = None  # after every graph exists (variants, blocks)
 
 
 TARGETS: dict[str, Target] = {}

@@ -100,7 +100,6 @@ def write_build_scripts(ctx: ExportContext, onnx_name: str, plugin_nodes: int) -
 
 def build_tensorrt(ctx: ExportContext) -> None:
     from tome_export.exporter.onnx_export import export_onnx
-    from tome_export.graph_passes.trt_readiness import check_trt_readiness
     from tome_export.targets.onnx import _io_spec, save_onnx
 
     device = ctx.device
@@ -112,7 +111,10 @@ def build_tensorrt(ctx: ExportContext) -> None:
             f"{device.name} engines must be built on the device itself; drop --build-engine and run "
             "build_engine.sh from the bundle there"
         )
-    if build_engine and not tensorrt_available():
+    from tome_export.targets.trt_engines import check_graph, engine_flavour, require_engine_backend
+
+    require_engine_backend(ctx)
+    if build_engine and engine_flavour(ctx) == "standard" and not tensorrt_available():
         raise BackendMissing(
             "--build-engine needs TensorRT's Python package (pip install 'tome-export[trt]' from NVIDIA's index); "
             "without --build-engine the ONNX graph and build scripts are still produced"
@@ -121,14 +123,11 @@ def build_tensorrt(ctx: ExportContext) -> None:
         exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
     plugin_nodes = mark_plugin_nodes(exported.model)
     trt_version = str(device.get("tensorrt", DEFAULT_TRT_VERSION))
-    report = None
-    if getattr(ctx.options, "trt_check", True):
-        report = check_trt_readiness(exported.model, trt_version)
-        ctx.progress.say(report.text())
-        if not report.ready:
-            raise UserError(f"the graph would not build with TensorRT {trt_version}:\n{report.text()}")
     onnx_name = "model.onnx"
     save_onnx(exported.model, ctx.bundle_dir / onnx_name)
+    report = None
+    if getattr(ctx.options, "trt_check", True):  # TensorRT's own parser where installed (trt_engines.py)
+        report = check_graph(ctx, exported.model, ctx.bundle_dir / onnx_name, plugin_nodes, trt_version)
     graph = exported.model.graph
     ctx.manifest.update(
         {
@@ -151,39 +150,23 @@ def build_tensorrt(ctx: ExportContext) -> None:
         )
     else:
         ctx.manifest["verification"] = {"skipped": True}
-    scripts = write_build_scripts(ctx, onnx_name, plugin_nodes)
-    info = ctx.manifest.setdefault("tensorrt", {})
-    info.update(
+    ctx.manifest.setdefault("tensorrt", {}).update(
         {
-            "readiness": report.to_dict() if report else {"skipped": True},
+            "readiness": report or {"skipped": True},
             "plugins": ["tome_export::BipartiteMerge"] if plugin_nodes else [],
             "trtexec": shlex.join(trtexec_command(ctx, onnx_name, "model.plan")) if not plugin_nodes else None,
-            "scripts": scripts,
-            "engine": None,
             "engine_built_on_device": on_device,
             "tensorrt_version_expected": trt_version,
         }
     )
-    if tensorrt_available() and not on_device:
-        from tome_export.targets.trt_engine import build_engine as build
+    # Engines (TensorRT for RTX) or standard-TensorRT scripts: Target.finalize → finish_trt_bundle,
+    # once every graph (TDTM variants, dynamic-loading blocks) is in the bundle.
 
-        with ctx.progress.step("building the TensorRT engine"):
-            build(
-                str(ctx.bundle_dir / onnx_name),
-                str(ctx.bundle_dir / "model.plan"),
-                fp16=device.precision == "fp16",
-                workspace_mb=int(device.get("workspace_mb", 2048)),
-                timing_cache=str(ctx.bundle_dir / "timing.cache"),
-                merge_plugin=bool(plugin_nodes),
-            )
-        info["engine"] = "model.plan"
-    elif on_device:
-        ctx.progress.say(f"{device.name}: engines are built on the device — copy the bundle there, run build_engine.sh")
-    else:
-        ctx.progress.say(
-            "note: TensorRT is not installed here, so no engine was built; the bundle holds the verified ONNX "
-            "graph and build_engine.sh / build_engine.py to build it where TensorRT is (exit status 0)"
-        )
+
+def _finish(ctx: ExportContext) -> None:
+    from tome_export.targets.trt_engines import finish_trt_bundle
+
+    finish_trt_bundle(ctx)
 
 
 register_target(
@@ -193,5 +176,6 @@ register_target(
         default_lowering="dense",
         lowerings=("dense", "plugin"),
         build=build_tensorrt,
+        finalize=_finish,
     )
 )

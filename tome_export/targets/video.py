@@ -68,7 +68,7 @@ def build_tdtm_variants(ctx: ExportContext, target: Target) -> None:
     from tome_export.merging.tdtm import forced, tdtm_state
     from tome_export.targets.onnx import export_and_verify_onnx
 
-    if target.name != "onnx":
+    if target.name not in ("onnx", "trt"):  # trt: engines per variant in the target's finalize
         raise UserError(
             f"--method tdtm writes a merged and a full graph sharing weights; target {target.name!r} "
             "does not support that yet, use --target onnx"
