@@ -53,6 +53,12 @@ def _plugin_registrar(plugin_nodes: int):
     return trt_rtx_plugin.register if trt_rtx_plugin.can_register() else False
 
 
+def _plugin_blocked() -> str:
+    from tome_export.targets import trt_rtx_plugin
+
+    return trt_rtx_plugin.blocked_reason() or "the merge plugin could not be registered"
+
+
 def check_graph(ctx: ExportContext, model: onnx.ModelProto, onnx_path: Path, plugin_nodes: int, trt_version: str):
     """The parser's verdict (or the hand-written one); UserError (exit 2) naming the node if it fails."""
     from tome_export.graph_passes.trt_readiness import check_trt_readiness
@@ -71,7 +77,7 @@ def check_graph(ctx: ExportContext, model: onnx.ModelProto, onnx_path: Path, plu
     ctx.progress.say(report.text())
     if not report.ready:
         raise UserError(f"the graph would not build with TensorRT {trt_version}:\n{report.text()}")
-    why = "TensorRT for RTX is not installed" if not trt_rtx.rtx_available() else "the merge plugin is not registered"
+    why = "TensorRT for RTX is not installed" if not trt_rtx.rtx_available() else _plugin_blocked()
     return {"checked_by": HAND_CHECK, "why_not_parser": why, **report.to_dict()}
 
 
@@ -107,9 +113,13 @@ def finish_trt_bundle(ctx: ExportContext) -> None:
         return
     registrar = _plugin_registrar(plugin_nodes)
     if registrar is False:
-        raise UserError(
-            "TensorRT for RTX cannot build the plugin lowering here (see docs/targets.md); use --lowering dense"
-        )
+        why = _plugin_blocked()
+        if getattr(ctx.options, "build_engine", False):
+            raise UserError(f"--build-engine with --lowering plugin: {why}; use --lowering dense")
+        info["scripts"] = write_build_scripts(ctx, ctx.manifest["artifact"], plugin_nodes)
+        info.update({"engine": None, "engine_blocked": why})
+        ctx.progress.say(f"note: no engine for the plugin lowering: {why}; --lowering dense builds one (exit status 0)")
+        return
     precision = ctx.manifest.get("precision", "fp32")
     capabilities = list(ctx.device.get("compute_capabilities") or trt_rtx.DEFAULT_CAPABILITIES)
     for key in ("trtexec", "tensorrt_version_expected"):  # standard TensorRT's; this engine is built already
