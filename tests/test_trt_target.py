@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,10 @@ def test_trt_builds_a_tensorrt_for_rtx_engine(cli, tmp_path):
     script = (out / "compare_engine.sh").read_text()
     assert "POLYGRAPHY_USE_TENSORRT_RTX=1" in script and "--model-type engine --trt" in script
     assert not (out / "build_engine.sh").exists()  # the engine is built; scripts are for standard TensorRT
+    if shutil.which("polygraphy"):  # its ONNX Runtime half runs here; the engine half needs an RTX GPU
+        ran = subprocess.run(["sh", str(out / "compare_engine.sh")], capture_output=True, text=True, timeout=300)
+        assert (out / "polygraphy_onnxrt.json").is_file() and (out / "polygraphy_inputs.json").is_file()
+        assert ran.returncode != 0 and "Could not deserialize engine" in ran.stdout + ran.stderr
 
 
 @needs_rtx
