@@ -20,15 +20,19 @@ def _manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-def test_tomesd_unet_builds_an_engine(cli, tmp_path):
+def test_tomesd_unet_builds_an_fp16_engine(cli, tmp_path):
     out = tmp_path / "u"
     done = cli("samples.tiny_unet:tiny_unet", "--method", "tomesd", "--ratio", "0.5", "--seeds", "1",
-               "--target", "trt", "-o", str(out))
+               "--device", "nvidia-rtx-ampere-desktop", "-o", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = _manifest(out)
     assert manifest["verification"]["passed"] and manifest["merge"]["method"] == "tomesd"
     engine = manifest["tensorrt"]["engines"][0]
     assert (out / "model.engine").stat().st_size == engine["bytes"] > 100_000
+    # Resize's scales stay float32 (the ONNX spec), the tomesd metric too; the rest is fp16
+    assert engine["built_from"] == "model_fp16.onnx" and engine["fp16"]["kept_fp32_nodes"] > 0
+    assert engine["layer_precisions"]["Half"] > engine["layer_precisions"]["Float"]
+    assert engine["fp16"]["against_fp32_onnxruntime"]["cosine"] > 0.999
 
 
 def test_tdtm_variants_and_blocks_get_one_engine_each(cli, tmp_path):

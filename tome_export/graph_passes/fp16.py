@@ -20,6 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 MERGE_MARK = "torch.ops.tome_export."
 METRIC_ENTRY_OPS = ("ReduceL2", "LpNormalization")  # the lowering's first op on the metric
+# Inputs the ONNX spec types as tensor(float) whatever the data type (Resize's scales).
+FLOAT32_INPUTS = {"Resize": (2,), "Upsample": (1,)}
 
 
 def _is_merge_node(node: onnx.NodeProto) -> bool:
@@ -71,8 +73,11 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     nodes = list(graph.node)
     producer_kept = {o: (i in kept) for i, n in enumerate(nodes) for o in n.output}
     inits = {t.name: t for t in graph.initializer}
-    used_by_half = {name for i, n in enumerate(nodes) if i not in kept for name in n.input}
-    used_by_float = {name for i in kept for name in nodes[i].input}
+    def wants_float(i: int, j: int) -> bool:
+        return i in kept or j in FLOAT32_INPUTS.get(nodes[i].op_type, ())
+
+    used_by_half = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if not wants_float(i, j)}
+    used_by_float = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if wants_float(i, j)}
 
     new_inits = []
     for t in graph.initializer:
@@ -105,7 +110,7 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         for j, name in enumerate(node.input):
             if name not in floats:
                 continue
-            if in_region:
+            if wants_float(i, j):
                 if name in graph_inputs:
                     continue
                 if name in inits and name in used_by_half:
