@@ -65,7 +65,9 @@ def _capturing_logger(trt, verbose: bool):
             self.messages: list[tuple[object, str]] = []
 
         def log(self, severity, msg) -> None:
-            self.messages.append((severity, msg))
+            # VERBOSE is needed for the layer report only: keep that message, drop the other ~10⁴
+            if severity != trt.ILogger.VERBOSE or msg.startswith("Layers:"):
+                self.messages.append((severity, msg))
 
         def errors(self) -> list[str]:
             return [m for s, m in self.messages if s in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR)]
