@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 
 class ExportedModule(nn.Module):
@@ -102,8 +102,7 @@ def _from_timm(name: str, weights: str | None) -> nn.Module:
         try:
             model.load_state_dict(_load_state_dict(weights))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"--weights {weights} does not fit timm:{name}: {first}") from None
+            raise UserError(f"--weights {weights} does not fit timm:{name}: {first_line(exc)}") from None
     return model
 
 
@@ -184,8 +183,7 @@ def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(str(file))
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load {path} with torch.export.load: {first}") from None
+        raise UserError(f"cannot load {path} with torch.export.load: {first_line(exc)}") from None
 
 
 def program_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ...] | None:

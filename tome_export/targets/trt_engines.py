@@ -14,14 +14,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import tempfile
 from pathlib import Path
 
 import onnx
 
+from tome_export.contract import BIPARTITE_OP_TYPE
 from tome_export.errors import BackendMissing, UserError
-from tome_export.targets import ExportContext, trt_rtx
+from tome_export.targets import trt_rtx
+from tome_export.targets.base import ExportContext
+from tome_export.targets.common import save_onnx
+from tome_export.targets.trt_scripts import tensorrt_available, write_build_scripts
 
-PLUGIN_OP = "BipartiteMerge"
 FIX_MERGE = "export with --lowering dense (plain TensorRT layers)"
 HAND_CHECK = "hand-written readiness rules (graph_passes/trt_readiness.py)"
 COMPARE_SCRIPT = "compare_engine.sh"
@@ -59,17 +63,22 @@ def _plugin_blocked() -> str:
     return trt_rtx_plugin.blocked_reason() or "the merge plugin could not be registered"
 
 
-def check_graph(ctx: ExportContext, model: onnx.ModelProto, onnx_path: Path, plugin_nodes: int, trt_version: str):
-    """The parser's verdict (or the hand-written one); UserError (exit 2) naming the node if it fails."""
+def check_graph(ctx: ExportContext, model: onnx.ModelProto, plugin_nodes: int, trt_version: str) -> dict:
+    """The parser's verdict (or the hand-written one); UserError (exit 2) naming the node if it fails.
+
+    Runs as a graph pass, before the graph is saved into the bundle: the parser reads a
+    temporary copy (outside the bundle, removed after)."""
     from tome_export.graph_passes.trt_readiness import check_trt_readiness
 
     registrar = _plugin_registrar(plugin_nodes) if trt_rtx.rtx_available() else False
     if trt_rtx.rtx_available() and registrar is not False:
         with ctx.progress.step(f"parsing with {trt_rtx.parser_name()}"):
-            verdict = trt_rtx.parse_onnx(onnx_path, registrar)
+            with tempfile.TemporaryDirectory(prefix="tome_export_parse_") as tmp:
+                save_onnx(model, Path(tmp) / "model.onnx")
+                verdict = trt_rtx.parse_onnx(Path(tmp) / "model.onnx", registrar)
         if not verdict.ok:
             op = verdict.errors[0]["op"]
-            fix = FIX_MERGE if op.startswith("Scatter") or op == PLUGIN_OP else "rewrite that part of the model"
+            fix = FIX_MERGE if op.startswith("Scatter") or op == BIPARTITE_OP_TYPE else "rewrite that part of the model"
             raise UserError(f"{verdict.parser} rejects the graph: {verdict.first_error()}; {fix}")
         ctx.progress.say(f"{verdict.parser}: parsed, {verdict.layers} network layers")
         return {"checked_by": verdict.parser, "ready": True, "network_layers": verdict.layers}
@@ -96,8 +105,6 @@ def bundle_graphs(manifest: dict) -> list[tuple[str, dict]]:
 
 def finish_trt_bundle(ctx: ExportContext) -> None:
     """Engines (TensorRT for RTX) or standard-TensorRT scripts for every graph of the bundle."""
-    from tome_export.targets.tensorrt import write_build_scripts
-
     info = ctx.manifest.setdefault("tensorrt", {})
     plugin_nodes = len(info.get("plugins", []))
     if engine_flavour(ctx) == "standard":
@@ -187,7 +194,6 @@ def _build_one(ctx, artifact: str, entry: dict, precision: str, capabilities, re
 def _write_fp16(ctx, artifact: str, stem: str, compare: bool) -> tuple[str, dict]:
     """fp16 copy with the merge metric in fp32; the main graph is compared with fp32 on ORT."""
     from tome_export.graph_passes.fp16 import to_fp16
-    from tome_export.targets.onnx import save_onnx
 
     fp32 = onnx.load(str(ctx.bundle_dir / artifact))
     half, summary = to_fp16(fp32)
@@ -254,8 +260,6 @@ def _write_polygraphy_scripts(ctx, main: dict, precision: str) -> list[str]:
 
 def _standard_engine(ctx, info: dict, plugin_nodes: int) -> None:
     """Jetson / data-centre: standard TensorRT builds the engine where it is installed, else the scripts."""
-    from tome_export.targets.tensorrt import tensorrt_available
-
     on_device = bool(ctx.device.get("engine_built_on_device", False))
     info.setdefault("engine", None)
     if tensorrt_available() and not on_device:

@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import numpy as np
 
-PLUGIN_NAMESPACE = "tome_export"
-PLUGIN_NAME = "BipartiteMerge"
-PLUGIN_VERSION = "1"
+from tome_export.contract import BIPARTITE_OP_TYPE, PLUGIN_DOMAIN
+from tome_export.contract import PLUGIN_VERSION as _CONTRACT_PLUGIN_VERSION
+
+PLUGIN_NAMESPACE = PLUGIN_DOMAIN
+PLUGIN_NAME = BIPARTITE_OP_TYPE
+PLUGIN_VERSION = str(_CONTRACT_PLUGIN_VERSION)  # TensorRT's plugin registry takes the version as a string
 RUNTIME_NEEDS = "a Python process with tome_export's merge plugin registered (torch with CUDA, Triton)"
 BLOCKED = {
     "1.7.": "TensorRT for RTX 1.7 aborts the process when its ONNX parser adds a Python IPluginV3 layer "
