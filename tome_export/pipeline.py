@@ -112,6 +112,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         build_bundle(ctx, target, build_tdtm_variants if method.variants else build_single)
         if budget is not None:
             add_dynamic_loading(ctx, budget)
+        if target.finalize is not None:
+            target.finalize(ctx)
         manifest = bundle.write_manifest(ctx.manifest)
     if writer.aside is not None:
         progress.say(f"--force: the folder that was at {out} is kept as {writer.aside}")
