@@ -15,6 +15,7 @@ scores clearly worse: its matching is wrong), ``lowering_error`` (error stays wh
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -63,6 +64,36 @@ class Verification:
         return text
 
 
+def flatten_outputs(value, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """A model's outputs as (name, tensor) pairs, in order.
+
+    A tensor alone is ``output``; tuples/lists name items ``output_0``…; dicts and
+    ``ModelOutput``/dataclasses keep their field names (``logits``, ``last_hidden_state``),
+    nested names joined by ``.``; ``None`` fields are skipped (as ``ModelOutput`` does)."""
+    if isinstance(value, torch.Tensor):
+        return [(prefix or "output", value)]
+    if isinstance(value, dict):  # ModelOutput is an OrderedDict of its non-None fields
+        items = [(str(k), v) for k, v in value.items()]
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif isinstance(value, (tuple, list)):
+        if len(value) == 1 and not prefix:
+            return flatten_outputs(value[0], prefix)
+        items = [(f"{prefix or 'output'}_{i}" if not prefix else str(i), v) for i, v in enumerate(value)]
+        if not prefix:
+            return [pair for name, v in items for pair in flatten_outputs(v, name)]
+    elif value is None:
+        return []
+    else:
+        raise TypeError(f"model output of type {type(value).__name__} is not a tensor, tuple, dict or dataclass")
+    return [pair for name, v in items for pair in flatten_outputs(v, f"{prefix}.{name}" if prefix else name)]
+
+
+def output_names(value) -> list[str]:
+    """Names of a model's flattened outputs (see :func:`flatten_outputs`)."""
+    return [name for name, _ in flatten_outputs(value)]
+
+
 def random_inputs(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=generator) for shape in shapes]
@@ -101,7 +132,7 @@ def verify(
         inputs = make_inputs(model, input_shapes, seed)
         with torch.no_grad():
             eager = model(*inputs)
-        eager_outs = list(eager) if isinstance(eager, (tuple, list)) else [eager]
+        eager_outs = [t for _, t in flatten_outputs(eager)]
         state = merge_state(model)
         eager_slots = [s.numpy() for s in state.slots] if state is not None else []
         got = run_exported({n: t.numpy() for n, t in zip(input_names, inputs)})
@@ -122,7 +153,7 @@ def verify(
                 invalid = str(exc)
             else:
                 max_gap = max([max_gap, *forced.tie_gaps])
-                pinned_outs = list(pinned) if isinstance(pinned, (tuple, list)) else [pinned]
+                pinned_outs = [t for _, t in flatten_outputs(pinned)]
                 for name, ref in zip(output_names, pinned_outs):
                     ref = ref.detach().numpy()
                     err = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0

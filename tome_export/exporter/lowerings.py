@@ -90,13 +90,25 @@ def along_channels(index, batch: int, count: int, channels: int):
     return op.Expand(op.Unsqueeze(index, ints(2)), ints(batch, count, channels))
 
 
-def match(metric, r: int, protected: int):
+def body_ab(t, protected: int, b_first: bool = False):
+    """(A tokens, B tokens) of ``t`` after the protected prefix, as ``bipartite.split_ab``."""
+    body = take(t, protected) if protected else t
+    even, odd = take(body, 0, step=2), take(body, 1, step=2)
+    return (odd, even) if b_first else (even, odd)
+
+
+def ab_counts(body_tokens: int, b_first: bool = False) -> tuple[int, int]:
+    longer, shorter = (body_tokens + 1) // 2, body_tokens // 2
+    return (shorter, longer) if b_first else (longer, shorter)
+
+
+def match(metric, r: int, protected: int, b_first: bool = False):
     """Bipartite matching: (unm_idx, src_idx, dst_idx) with the eager tie-breaking."""
     batch, num_tokens, _ = (int(d) for d in metric.shape)
     body = take(metric, protected) if protected else metric
     body = op.Div(body, op.ReduceL2(body, ints(-1), keepdims=1))
-    a, b = take(body, 0, step=2), take(body, 1, step=2)
-    num_a = (num_tokens - protected + 1) // 2
+    a, b = body_ab(body, 0, b_first)
+    num_a, _ = ab_counts(num_tokens - protected, b_first)
     scores = op.MatMul(a, op.Transpose(b, perm=[0, 2, 1]))
     node_max = op.ReduceMax(scores, ints(-1), keepdims=0)
     node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
@@ -107,10 +119,9 @@ def match(metric, r: int, protected: int):
     return unm_idx, src_idx, dst_idx
 
 
-def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protected: int, r: int):
+def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protected: int, r: int, b_first: bool = False):
     """Output slot of every input token (B, N) int64, as ``bipartite.slots`` computes it."""
-    body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+    num_a, num_b = ab_counts(num_tokens - protected, b_first)
     kept = num_a - r
     updates = op.Concat(
         arange_rows(batch, protected, kept),
@@ -124,39 +135,38 @@ def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protecte
         axis=1,
     )
     slot_b = arange_rows(batch, protected + kept, num_b)
-    return interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+    return interleave_slots(slot_a, slot_b, batch, num_tokens, protected, b_first)
 
 
-def interleave_slots(slot_a, slot_b, batch: int, num_tokens: int, protected: int):
+def interleave_slots(slot_a, slot_b, batch: int, num_tokens: int, protected: int, b_first: bool = False):
     """(B, Na) A-token and (B, Nb) B-token slots → the (B, N) slot map, protected first.
 
     Concat/Reshape/Slice only, so every lowering (dense included) can share it."""
     body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
-    if num_a > num_b:
-        slot_b = op.Concat(slot_b, op.Expand(op.Constant(value_int=0), ints(batch, 1)), axis=1)
+    first, second = (slot_b, slot_a) if b_first else (slot_a, slot_b)
+    num_first, num_second = (body_tokens + 1) // 2, body_tokens // 2
+    if num_first > num_second:
+        second = op.Concat(second, op.Expand(op.Constant(value_int=0), ints(batch, 1)), axis=1)
     interleaved = op.Reshape(
-        op.Concat(op.Unsqueeze(slot_a, ints(2)), op.Unsqueeze(slot_b, ints(2)), axis=2),
-        ints(batch, 2 * num_a),
+        op.Concat(op.Unsqueeze(first, ints(2)), op.Unsqueeze(second, ints(2)), axis=2),
+        ints(batch, 2 * num_first),
     )
     body = take(interleaved, 0, body_tokens)
     return op.Concat(arange_rows(batch, 0, protected), body, axis=1) if protected else body
 
 
-def no_merge(x, size, batch: int, num_tokens: int, protected: int):
+def no_merge(x, size, batch: int, num_tokens: int, protected: int, b_first: bool = False):
     """r = 0 as the eager op defines it: nothing merges, but tokens still come out in the
     merge layout (protected, A tokens, B tokens) and the slot map says so."""
-    body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+    num_a, num_b = ab_counts(num_tokens - protected, b_first)
 
     def reorder(t):
-        body = take(t, protected) if protected else t
         parts = [take(t, 0, protected)] if protected else []
-        return op.Concat(*parts, take(body, 0, step=2), take(body, 1, step=2), axis=1)
+        return op.Concat(*parts, *body_ab(t, protected, b_first), axis=1)
 
     slot_a = arange_rows(batch, protected, num_a)
     slot_b = arange_rows(batch, protected + num_a, num_b)
-    return reorder(x), reorder(size), interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+    return reorder(x), reorder(size), interleave_slots(slot_a, slot_b, batch, num_tokens, protected, b_first)
 
 
 def finish(merged, x, size, channels: int, protected: int):
@@ -172,16 +182,17 @@ def finish(merged, x, size, channels: int, protected: int):
 # -- scatter -------------------------------------------------------------------------
 
 
-def merge_scatter(metric, x, size, r: int, protected: int):
+def merge_scatter(metric, x, size, r: int, protected: int, b_first: bool = False):
     batch, num_tokens, channels = (int(d) for d in x.shape)
+    b_first = bool(b_first)
     if r == 0:
-        return no_merge(x, size, batch, num_tokens, protected)
-    unm_idx, src_idx, dst_idx = match(metric, r, protected)
+        return no_merge(x, size, batch, num_tokens, protected, b_first)
+    unm_idx, src_idx, dst_idx = match(metric, r, protected, b_first)
     body_x = take(x, protected) if protected else x
     body_size = take(size, protected) if protected else size
     z = op.Concat(op.Mul(body_x, body_size), body_size, axis=2)
-    za, zb = take(z, 0, step=2), take(z, 1, step=2)
-    width, kept = channels + 1, (num_tokens - protected + 1) // 2 - r
+    za, zb = body_ab(z, 0, b_first)
+    width, kept = channels + 1, ab_counts(num_tokens - protected, b_first)[0] - r
     src = op.GatherElements(za, along_channels(src_idx, batch, r, width), axis=1)
     unm = op.GatherElements(za, along_channels(unm_idx, batch, kept, width), axis=1)
     # ScatterND over whole rows: same sums as ScatterElements(add) on every element, but
@@ -195,7 +206,7 @@ def merge_scatter(metric, x, size, r: int, protected: int):
     rows = op.Concat(op.Unsqueeze(batch_idx, ints(2)), op.Unsqueeze(dst_idx, ints(2)), axis=2)  # (B, r, 2)
     dst = op.ScatterND(zb, rows, src, reduction="add")
     merged_x, merged_size = finish(op.Concat(unm, dst, axis=1), x, size, channels, protected)
-    slot = slots_graph(unm_idx, src_idx, dst_idx, batch, num_tokens, protected, r)
+    slot = slots_graph(unm_idx, src_idx, dst_idx, batch, num_tokens, protected, r, b_first)
     return merged_x, merged_size, slot
 
 

@@ -31,8 +31,9 @@ class _WithDecisions(nn.Module):
         self.model = model
 
     def forward(self, *args):
-        out = self.model(*args)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        from tome_export.verify import flatten_outputs
+
+        outs = [t for _, t in flatten_outputs(self.model(*args))]  # ModelOutput, dicts, tuples: flat
         state = merge_state(self.model)
         return (*outs, *(state.slots if state is not None else []))
 
@@ -111,13 +112,14 @@ def export_onnx(
 ) -> OnnxExport:
     """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked."""
     model.eval()
+    from tome_export.verify import output_names as flat_output_names
+
     with torch.no_grad():
         reference = model(*example_inputs)
-    num_outputs = len(reference) if isinstance(reference, (tuple, list)) else 1
     state = merge_state(model)
     num_decisions = len(state.slots) if state is not None else 0
     input_names = input_names_for(model, len(example_inputs))
-    output_names = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
+    output_names = flat_output_names(reference)  # field names kept (logits, last_hidden_state…)
     decision_names = [f"{DECISION_PREFIX}{i}" for i in range(num_decisions)]
     start = len(aten_fixes.REWRITES)
     notes_start = len(lowerings.LOWERING_NOTES)

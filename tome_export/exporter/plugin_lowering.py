@@ -6,7 +6,9 @@ The node's contract is fixed (the TensorRT plugin and the Triton kernel implemen
 - domain ``tome_export``, op_type ``BipartiteMerge``, opset version 1 of that domain;
 - inputs ``metric`` (B, N, D) float, ``x`` (B, N, C) float, ``size`` (B, N, 1) float;
 - outputs ``x_out`` (B, N-r, C) float, ``size_out`` (B, N-r, 1) float, ``slot`` (B, N) int64;
-- attributes ``r`` (int), ``protected`` (int), ``mode`` (string, ``"weighted_mean"``).
+- attributes ``r`` (int), ``protected`` (int), ``mode`` (string, ``"weighted_mean"``), and
+  ``b_first`` (int, optional, default 0; written only when 1): the body after the
+  protected prefix alternates B, A — the official ToMe split of a class-token model.
 
 Semantics: exactly ``tome_export.merging.bipartite.merge_tokens`` (documented in
 docs/lowerings.md).
@@ -20,6 +22,7 @@ exactly ``tome_export.merging.tomesd.merge_tokens`` (docs/diffusion.md).
 from __future__ import annotations
 
 import onnx.defs
+import onnx.helper
 from onnx.defs import OpSchema
 from onnxscript import values
 
@@ -50,6 +53,9 @@ def plugin_schema() -> OpSchema:
             OpSchema.Attribute("r", OpSchema.AttrType.INT, "tokens merged away"),
             OpSchema.Attribute("protected", OpSchema.AttrType.INT, "leading tokens that never merge"),
             OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "'weighted_mean'"),
+            OpSchema.Attribute(
+                "b_first", onnx.helper.make_attribute("b_first", 0), "1: the body alternates B, A (official split)"
+            ),
         ],
     )
 
@@ -94,10 +100,12 @@ _register_schema()
 plugin_opset = values.Opset(PLUGIN_DOMAIN, PLUGIN_VERSION)
 
 
-def merge_plugin(metric, x, size, r: int, protected: int):
+def merge_plugin(metric, x, size, r: int, protected: int, b_first: bool = False):
     """``tome_export::bipartite_merge`` → one ``tome_export.BipartiteMerge`` node."""
+    # b_first only when set: graphs of the prefix split keep the original attribute set.
+    extra = {"b_first": 1} if b_first else {}
     return plugin_opset.BipartiteMerge(
-        metric, x, size, r=int(r), protected=int(protected), mode="weighted_mean", _outputs=3
+        metric, x, size, r=int(r), protected=int(protected), mode="weighted_mean", _outputs=3, **extra
     )
 
 

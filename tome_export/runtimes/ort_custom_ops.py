@@ -23,7 +23,13 @@ from tome_export.exporter.plugin_lowering import (
 
 
 def bipartite_merge_numpy(
-    metric: np.ndarray, x: np.ndarray, size: np.ndarray, r: int, protected: int, mode: str = "weighted_mean"
+    metric: np.ndarray,
+    x: np.ndarray,
+    size: np.ndarray,
+    r: int,
+    protected: int,
+    mode: str = "weighted_mean",
+    b_first: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The plugin's semantics on numpy arrays: exactly ``bipartite.merge_tokens``."""
     import torch
@@ -44,6 +50,7 @@ def bipartite_merge_numpy(
                 torch.from_numpy(np.ascontiguousarray(size)),
                 int(r),
                 int(protected),
+                bool(b_first),
             )
     finally:
         torch.set_num_threads(threads)
@@ -89,7 +96,12 @@ def custom_ops_library() -> str:
         op_type=f"{PLUGIN_DOMAIN}::{PLUGIN_OP_TYPE}",
         inputs=[PyCustomOpDef.dt_float] * 3,
         outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64],
-        attrs={"r": PyCustomOpDef.dt_int64, "protected": PyCustomOpDef.dt_int64, "mode": PyCustomOpDef.dt_string},
+        attrs={
+            "r": PyCustomOpDef.dt_int64,
+            "protected": PyCustomOpDef.dt_int64,
+            "mode": PyCustomOpDef.dt_string,
+            "b_first": PyCustomOpDef.dt_int64,
+        },
     )(bipartite_merge_numpy)
     onnx_op(
         op_type=f"{PLUGIN_DOMAIN}::{TOMESD_OP_TYPE}",
