@@ -54,6 +54,12 @@ def main() -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
 @click.option(
+    "--split",
+    type=click.Choice(["official", "prefix"]),
+    default=None,
+    help="tome: A/B split — official ToMe (class/distillation tokens; default there) or prefix (registers).",
+)
+@click.option(
     "--pin-decisions",
     is_flag=True,
     help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",
@@ -94,6 +100,7 @@ def export_command(
     seeds,
     atol,
     no_prop_attn,
+    split,
     pin_decisions,
     build_engine,
     no_trt_check,
@@ -131,6 +138,7 @@ def export_command(
         weights=weights,
         trust_pickle=trust_pickle,
         prop_attn=not no_prop_attn,
+        split=split,
         pin_decisions=pin_decisions,
         build_engine=build_engine,
         trt_check=not no_trt_check,

@@ -17,11 +17,11 @@ from tome_export import __version__
 from tome_export.bundle import BundleWriter, preprocessing_for
 from tome_export.devices import get_device
 from tome_export.errors import UserError
-from tome_export.exporter.insert import has_patcher, insert_for_export
+from tome_export.exporter.insert import merge_for_export
 from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.inputs import default_input_shapes, make_inputs
-from tome_export.merging import METHODS, apply, merge_state
+from tome_export.merging import METHODS, merge_state
 from tome_export.merging import schedule as schedules
 from tome_export.merging.tomesd import check_tomesd_options
 from tome_export.progress import Progress
@@ -49,6 +49,7 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    split: str | None = None  # tome: "official" | "prefix" (None: official for class-token models)
     pin_decisions: bool = False
     build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
     trt_check: bool = True  # --target trt: TensorRT-readiness check
@@ -105,14 +106,15 @@ def _tdtm_options(options: ExportOptions) -> tuple[str, dict]:
 def _tome_options(options: ExportOptions) -> tuple[str, dict]:
     if options.r is not None and options.schedule:
         raise UserError("give --r or --schedule, not both")
+    split = {"split": options.split} if options.split else {}
     if options.schedule:
-        return "tome", {"schedule": schedules.parse(options.schedule), "prop_attn": options.prop_attn}
+        return "tome", {"schedule": schedules.parse(options.schedule), "prop_attn": options.prop_attn, **split}
     r = DEFAULT_R if options.r is None else options.r
     if r < 0:
         raise UserError(f"--r must be ≥ 0, got {r}")
     if r == 0:
         return "none", {}  # the unmerged baseline
-    return "tome", {"r": r, "prop_attn": options.prop_attn}
+    return "tome", {"r": r, "prop_attn": options.prop_attn, **split}
 
 
 def _no_options(options: ExportOptions) -> tuple[str, dict]:
@@ -177,12 +179,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         )
         if input_shapes is None:
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
-    if method == "tome" and (loaded.program is not None or not has_patcher(loaded.module)):
-        model = insert_for_export(loaded, method_opts, input_shapes, options.protected, progress)
-    elif options.protected is not None:
-        raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
-    else:
-        model = apply(loaded.module, method, **method_opts)
+    # Eager patcher behind its r=0 gate, else graph-level insertion, else a one-line refusal.
+    model = merge_for_export(loaded, method, method_opts, input_shapes, options.protected, progress, options.seeds)
     if budget is not None:
         from tome_export.targets.video import check_budget_fits
 
@@ -191,9 +189,13 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     try:
         with torch.no_grad():
             model(*make_inputs(model, input_shapes, 0))
+    except UserError:
+        raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{options.model} rejects input shape {input_shapes}: {first}") from None
+        expected = loaded.default_input_shape
+        hint = f"; the model expects {','.join(map(str, expected))}" if expected else ""
+        raise UserError(f"{options.model} rejects input shape {input_shapes}: {first}{hint}") from None
     with BundleWriter(out) as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)
         ctx.manifest.update(

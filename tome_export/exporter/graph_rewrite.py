@@ -28,12 +28,19 @@ def _insert(graph: fx.Graph, after: fx.Node, target, *args) -> fx.Node:
     return node
 
 
-def _merge_after(graph, block: AttentionBlock, size: fx.Node | None, r: int, protected: int, b_first: bool = False):
-    """Merge the residual stream right after the block's residual add; returns (x, size, slot)."""
+def _merge_after(
+    graph, block: AttentionBlock, size: fx.Node | None, r: int, protected: int, b_first: bool = False, masks=None
+):
+    """Merge the residual stream right after the block's residual add; returns (x, size, slot).
+
+    ``masks``: a ``graph_masks.MaskFollower`` of a key-padding mask, whose real/padded
+    marks widen the metric so padded and real tokens never merge."""
     x = block.residual_add
     cursor = metric = _insert(graph, x, aten.mean.dim, block.keys, [1])
     if block.keys_transposed:
         cursor = metric = _insert(graph, metric, aten.transpose.int, metric, -2, -1)
+    if masks is not None:
+        cursor, metric = masks.groups_metric(cursor, metric)
     if size is None:  # all ones: every token stands for one patch
         cursor = first = _insert(graph, cursor, aten.slice.Tensor, x, -1, 0, 1)
         cursor = size = _insert(graph, first, aten.ones_like.default, first)
@@ -88,16 +95,21 @@ def _sdpa_as_math(graph: fx.Graph, node: fx.Node, bias: fx.Node) -> None:
     logits = _insert_before(graph, node, aten.mul.Tensor, logits, scale)
     if isinstance(mask, fx.Node):
         if _dtype(mask) == torch.bool:  # True = attend, as SDPA reads boolean masks
-            mask = _insert_before(graph, node, aten.where.ScalarOther, mask, 0.0, -math.inf)
+            zero = _insert_before(graph, node, aten.scalar_tensor.default, 0.0)
+            blocked = _insert_before(graph, node, aten.scalar_tensor.default, -math.inf)
+            mask = _insert_before(graph, node, aten.where.self, mask, zero, blocked)
         logits = _insert_before(graph, node, aten.add.Tensor, logits, mask)
     logits = _insert_before(graph, node, aten.add.Tensor, logits, bias)
     weights = _insert_before(graph, node, aten.softmax.int, logits, -1)
     out = _insert_before(graph, node, aten.matmul.default, weights, v)
+    out.meta["tome_replaces"] = node.meta.get("val")  # the SDPA's shape before merging, for re-propagation
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 
 
 def _dtype(node) -> torch.dtype | None:
+    if isinstance(node, fx.Node) and "tome_dtype" in node.meta:  # made by this pass, not yet propagated
+        return node.meta["tome_dtype"]
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value.dtype if isinstance(value, torch.Tensor) else None
 

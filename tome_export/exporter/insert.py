@@ -40,11 +40,15 @@ from tome_export.exporter.graph_blocks import (
     detect_protected_tokens,
     find_attention_blocks,
 )
-from tome_export.exporter.graph_rewrite import _merge_after, _proportional_attention
+from tome_export.exporter.graph_masks import MaskFollower, masks_to_follow
+from tome_export.exporter.graph_rewrite import _insert, _merge_after, _proportional_attention
 from tome_export.exporter.repropagate import _first_line, repropagate
+from tome_export.inputs import make_inputs
 from tome_export.merging import ops
 from tome_export.merging import schedule as schedules
 from tome_export.merging.tome import TomeState, resolve_split
+
+aten = torch.ops.aten
 
 
 @dataclass
@@ -211,17 +215,34 @@ def insert_merges(
     old_shapes = {node: _shape(node) for node in gm.graph.nodes if _shape(node) is not None}
 
     graph = gm.graph
-    size, slots = None, []
-    for block, block_r in zip(blocks, r_per_layer):
+    uses, mask_kind = masks_to_follow(gm, blocks, example_inputs)
+    follower = None
+    size, slots, total_slot, tokens_now = None, [], None, base_tokens
+    for index, (block, block_r) in enumerate(zip(blocks, r_per_layer)):
+        if follower is not None and tokens_now != base_tokens:
+            follower.mask_for(uses[index])
         if size is not None and prop_attn:
             _proportional_attention(graph, block, size)
         if block_r > 0:
-            merged_x, size, slot = _merge_after(graph, block, size, block_r, protected, b_first)
+            if mask_kind is not None and follower is None:
+                follower = MaskFollower(graph, uses[0], mask_kind, block.batch)
+            padding = follower if mask_kind == "padding" else None
+            merged_x, size, slot = _merge_after(graph, block, size, block_r, protected, b_first, padding)
             old_shapes[merged_x] = old_shapes[block.residual_add]
             slots.append(slot)
+            tokens_now -= block_r
+            cursor = slot
+            if follower is not None:
+                cursor = follower.follow(slot, slot, tokens_now)
+            total_slot = slot if total_slot is None else _compose(graph, cursor, slot, total_slot)
+    for node in graph.nodes:  # the SDPA written out as math stands for the SDPA's old shape
+        if "tome_replaces" in node.meta and node.meta["tome_replaces"] is not None:
+            old_shapes[node] = tuple(node.meta["tome_replaces"].shape)
 
     output = next(n for n in graph.nodes if n.op == "output")
     flat_outputs = list(pytree.tree_leaves(output.args[0]))
+    if total_slot is not None:  # token-wise outputs come back at the model's own length
+        flat_outputs = [_unmerged(graph, out, total_slot, old_shapes, base_tokens) for out in flat_outputs]
     output.args = (tuple(flat_outputs + slots),)
     graph.set_codegen(fx.graph.CodeGen())  # flat in, flat out; the wrapper keeps the pytree specs
     graph.lint()
@@ -243,6 +264,25 @@ def insert_merges(
     return model
 
 
+def _compose(graph: fx.Graph, after: fx.Node, slot: fx.Node, total: fx.Node) -> fx.Node:
+    """Slot of every original token after one more merge: ``slot[total]``."""
+    return _insert(graph, after, aten.gather.default, slot, 1, total)
+
+
+def _unmerged(graph: fx.Graph, out, total: fx.Node, old_shapes: dict, base_tokens: int):
+    """A (B, N, C) output downstream of the merges, gathered back to N tokens (each
+    token takes its merged token's value, as ToMe's unmerge); other outputs as they are."""
+    shape = old_shapes.get(out) if isinstance(out, fx.Node) else None
+    if not (shape and len(shape) == 3 and shape[1] == base_tokens):
+        return out
+    if not any(n.target == torch.ops.tome_export.bipartite_merge.default for n in _ancestors(out)):
+        return out
+    batch, _, channels = shape
+    index = _insert(graph, out, aten.unsqueeze.default, total, -1)
+    index = _insert(graph, index, aten.expand.default, index, [batch, base_tokens, channels])
+    return _insert(graph, index, aten.gather.default, out, 1, index)
+
+
 def exported_program(model: GraphMergedModel, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
     """torch.export of the merged model (outputs only; decisions stay in its state)."""
     return torch.export.export(model, tuple(example_inputs))
@@ -259,9 +299,8 @@ def insert_for_export(loaded, method_opts: dict, input_shapes, protected: int | 
             )
         why = "MODEL is a torch.export archive"
     else:
-        why = f"{type(loaded.module).__name__} has no timm-style blocks for the eager patcher"
-    generator = torch.Generator().manual_seed(0)
-    example_inputs = tuple(torch.randn(*shape, generator=generator) for shape in input_shapes)
+        why = f"{type(loaded.module).__name__} has no blocks the eager patcher claims"
+    example_inputs = make_inputs(loaded.module, input_shapes, 0)  # declared dtypes (token ids, masks…)
     # Reported once done, not as a progress step: bad input must stay a one-line error.
     start = time.perf_counter()
     model = insert_merges(loaded.program or loaded.module, example_inputs, protected=protected, **method_opts)
@@ -279,9 +318,75 @@ def has_patcher(model: nn.Module) -> bool:
     return any(is_vit_block(m) for m in model.modules())
 
 
+def _probe_inputs(loaded, input_shapes, inputs: tuple) -> None:
+    """Run the unpatched model once: a model that rejects the inputs gets a one-line hint."""
+    try:
+        with torch.no_grad():
+            loaded.module(*inputs)
+    except Exception as exc:
+        expected = loaded.default_input_shape
+        shapes = ";".join(",".join(map(str, s)) for s in input_shapes)
+        hint = (
+            f"; it expects --input-shape {','.join(map(str, expected))}"
+            if expected is not None and [tuple(expected)] != [tuple(s) for s in input_shapes]
+            else "; pass the --input-shape it expects"
+        )
+        raise UserError(f"{loaded.source} rejects input shape {shapes}: {_first_line(exc).rstrip('.')}{hint}") from None
+
+
+def merge_for_export(
+    loaded, method: str, method_opts: dict, input_shapes, protected: int | None, progress, seeds: int = 2
+) -> nn.Module:
+    """The merged eager reference for the pipeline: eager patcher or graph-level insertion.
+
+    ToMe's eager patcher is used only when the model passes its r=0 gate (patched at r=0
+    ≡ unpatched on the verification inputs); otherwise merges go in at graph level; a
+    model neither can merge is refused in one line naming the block class."""
+    from tome_export.merging import apply
+    from tome_export.merging.families import refuse_unmergeable
+    from tome_export.merging.tome import check_r0_equivalence, looks_like_vit_block, unsupported_feature
+
+    if method != "tome":
+        if protected is not None:
+            raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
+        return apply(loaded.module, method, **method_opts)
+    if loaded.program is None:
+        refuse_unmergeable(loaded.module)
+    inputs = [make_inputs(loaded.module, input_shapes, seed) for seed in range(max(1, seeds))]
+    _probe_inputs(loaded, input_shapes, inputs[0])
+    if loaded.program is not None:
+        return insert_for_export(loaded, method_opts, input_shapes, protected, progress)
+    patcher_failed = None
+    blocks = [m for m in loaded.module.modules() if looks_like_vit_block(m)]
+    if blocks and protected is None:
+        feature = next((f for f in map(unsupported_feature, blocks) if f), None)
+        if feature is not None:
+            patcher_failed = f"{type(blocks[0]).__name__}: the ToMe patcher does not implement {feature}"
+        else:
+            try:
+                err = check_r0_equivalence(loaded.module, inputs, **method_opts)
+            except UserError as exc:
+                patcher_failed = str(exc).split("; use --r 0")[0]
+            else:
+                model = apply(loaded.module, "tome", **method_opts)
+                model._tome_state.r0_gate = err
+                progress.say(f"• eager patcher: r=0 reproduces the unpatched model (max abs err {err:.2g})")
+                return model
+    try:
+        return insert_for_export(loaded, method_opts, input_shapes, protected, progress)
+    except UserError as exc:
+        if patcher_failed is None:
+            raise
+        raise UserError(
+            f"{patcher_failed}, and graph-level merging fails too ({exc}); use --r 0 to export unmerged, "
+            "or another method"
+        ) from None
+
+
 __all__ = [
     "GraphMergedModel",
     "has_patcher",
     "insert_for_export",
     "insert_merges",
+    "merge_for_export",
 ]

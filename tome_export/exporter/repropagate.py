@@ -9,6 +9,7 @@ new token count (a constant of token length, a split along tokens) is refused by
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -87,9 +88,10 @@ def _fix_slice(node, new_in, old_in, old_out, base_tokens):
     if old == new:
         return node.args
     start, end = args[2] or 0, args[3]
+    to_end = end is None or end >= old
     if end is not None and end >= old:
         end = new if end == old else end  # to the end, whatever the length
-    if (start >= 0 and start >= new) or (end is not None and 0 <= end and end > new):
+    if (start >= 0 and start >= new) or (not to_end and 0 <= end and end > new):
         raise UserError(f"graph-level merging: {node.name} slices tokens {start}:{end} past the merged length {new}")
     args[3] = end
     return tuple(args[: max(len(node.args), 4)])
@@ -168,6 +170,19 @@ def repropagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], old_
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     env: dict[fx.Node, object] = {}
     inputs = iter(example_inputs)
+    # The fake-tensor dispatcher logs a traceback for every failing op; the refusal below
+    # is the one line the user needs.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        _run_nodes(gm, env, inputs, mode, old_shapes, base_tokens)
+    finally:
+        fake_log.setLevel(level)
+    gm.recompile()
+
+
+def _run_nodes(gm, env, inputs, mode, old_shapes, base_tokens) -> None:
     with mode:
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -183,10 +198,14 @@ def repropagate(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], old_
                 except UserError:
                     raise
                 except Exception as exc:
+                    hint = (
+                        " (a tensor sized for the unmerged tokens, e.g. rotary or relative position embeddings)"
+                        if "broadcast" in str(exc)
+                        else ""
+                    )
                     raise UserError(
                         f"graph-level merging cannot adapt node {node.name} ({node.target}) to the merged "
-                        f"token count: {_first_line(exc)}"
+                        f"token count{hint}: {_first_line(exc)}"
                     ) from None
                 node.meta["val"] = env[node]
-    gm.recompile()
 

@@ -49,6 +49,7 @@ class TomeState:
     prop_attn: bool = True
     split: str = "prefix"
     b_first: bool = False
+    r0_gate: float | None = None  # max abs err of the patched model at r=0 vs unpatched
     requested: list[int] = field(default_factory=list)
     size: torch.Tensor | None = None
     slots: list[torch.Tensor] = field(default_factory=list)
@@ -66,6 +67,7 @@ class TomeState:
             "schedule": self.schedule.describe(),
             "protected_tokens": self.protected,
             "split": self.split,
+            **({"r0_gate_max_abs_err": self.r0_gate} if self.r0_gate is not None else {}),
             "prop_attn": self.prop_attn,
             "r_per_layer": list(self.r_per_layer),
             "tokens_per_layer": list(self.tokens_per_layer),
