@@ -291,10 +291,11 @@ def exported_program(model: GraphMergedModel, example_inputs: Sequence[torch.Ten
 def insert_for_export(loaded, method_opts: dict, input_shapes, protected: int | None, progress) -> GraphMergedModel:
     """The pipeline's graph-level path: a .pt2, or a model the eager patcher does not know."""
     if loaded.program is not None:
-        expected = loaded.default_input_shape
-        if expected is not None and [tuple(s) for s in input_shapes] != [expected]:
+        expected = getattr(loaded.module, "default_input_shapes", None) or [loaded.default_input_shape]
+        if expected[0] is not None and [tuple(s) for s in input_shapes] != [tuple(s) for s in expected]:
+            shapes = ";".join(",".join(map(str, s)) for s in expected)
             raise UserError(
-                f"{loaded.source} was exported for input shape {','.join(map(str, expected))}; "
+                f"{loaded.source} was exported for input shape {shapes}; "
                 "give that --input-shape or export the .pt2 again for the shape you need"
             )
         why = "MODEL is a torch.export archive"
@@ -304,6 +305,9 @@ def insert_for_export(loaded, method_opts: dict, input_shapes, protected: int | 
     # Reported once done, not as a progress step: bad input must stay a one-line error.
     start = time.perf_counter()
     model = insert_merges(loaded.program or loaded.module, example_inputs, protected=protected, **method_opts)
+    for name in ("tome_input_specs", "default_input_shapes", "default_input_shape"):  # inputs stay declared
+        if getattr(loaded.module, name, None) is not None:
+            setattr(model, name, getattr(loaded.module, name))
     state = model._tome_state
     merges = sum(r > 0 for r in state.r_per_layer)
     progress.say(f"• {why}: inserted merges at graph level ({time.perf_counter() - start:.1f} s)")
