@@ -80,6 +80,8 @@ def load_hf(spec: str) -> tuple[nn.Module, str]:
     if not local and (spec.startswith((".", "/")) or os.sep in spec.strip("/").replace("/", "", 1)):
         raise UserError(f"hf:{spec}: no such folder (a hub id is ORG/NAME)")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    transformers.utils.logging.disable_progress_bar()  # progress is ours, on stderr, and -q silences it
+    transformers.utils.logging.set_verbosity_error()
     try:
         config = transformers.AutoConfig.from_pretrained(spec, local_files_only=local or offline)
         cls = _model_class(config, transformers)
