@@ -125,3 +125,19 @@ def bert_eager():
 
 def vit_eager():
     return vit("eager")
+
+
+def deit_distilled_eager():
+    return deit_distilled("eager")
+
+
+def dinov2_registers_eager():
+    return dinov2_registers("eager")
+
+
+def siglip_vision_eager():
+    return siglip_vision("eager")
+
+
+def minilm_eager():
+    return minilm("eager")

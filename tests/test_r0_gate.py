@@ -28,7 +28,14 @@ class HalfResidualBlock(Block):
 def _small_vit(**kwargs):
     torch.manual_seed(0)
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, **kwargs
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        **kwargs,
     ).eval()
 
 
@@ -72,7 +79,9 @@ def test_eva02_with_qv_biases_is_not_claimed():
 
 
 def test_unmergeable_families_are_named():
-    assert unmergeable_reason(factories.swin_small()).startswith("SwinTransformerBlock: token merging does not support windowed")
+    assert unmergeable_reason(factories.swin_small()).startswith(
+        "SwinTransformerBlock: token merging does not support windowed"
+    )
     assert "relative position bias" in unmergeable_reason(factories.beit_small())
     assert unmergeable_reason(_small_vit()) is None
 
@@ -103,6 +112,8 @@ def test_cli_beit_exports_unmerged_at_r0(cli, tmp_path):
 
 
 def test_wrong_input_size_names_the_expected_one(cli, tmp_path):
-    done = cli("tests.fixtures.factories:swin_small", "--r", "0", "--input-shape", "1,3,64,64", "-o", str(tmp_path / "b"))
+    done = cli(
+        "tests.fixtures.factories:swin_small", "--r", "0", "--input-shape", "1,3,64,64", "-o", str(tmp_path / "b")
+    )
     assert done.returncode == 2
     assert "1,3,56,56" in done.stderr and "Traceback" not in done.stderr

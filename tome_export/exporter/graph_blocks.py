@@ -73,7 +73,6 @@ class AttentionBlock:
         }
 
 
-
 def _shape(node) -> tuple[int, ...] | None:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(int(d) for d in value.shape) if isinstance(value, torch.Tensor) else None
@@ -255,7 +254,12 @@ def _learned_prefix(graph: fx.Graph, cat: fx.Node, depth: int = 0) -> list[tuple
         tokens = (_shape(part) or (0, 0))[1] if len(_shape(part) or ()) == 3 else 0
         source = _walk_back(part, PREFIX_SHAPE_OPS)
         shape = _shape(source)
-        if source.op == "get_attr" and shape is not None and 1 <= len(shape) <= 3 and (len(shape) == 1 or shape[0] == 1):
+        if (
+            source.op == "get_attr"
+            and shape is not None
+            and 1 <= len(shape) <= 3
+            and (len(shape) == 1 or shape[0] == 1)
+        ):
             found.append((str(source.target), tokens))
             continue
         if depth < 2 and isinstance(part, fx.Node) and part.target in SLICE_OPS and part.args[1] % 3 == 1:

@@ -67,7 +67,7 @@ def find_mask(block: AttentionBlock) -> MaskUse | None:
 
 
 def classify(mask_value: torch.Tensor, depends_on_inputs: bool, name: str) -> str:
-    """"trivial" (input-independent, all attend), "padding" (same for every query), or refuse."""
+    """ "trivial" (input-independent, all attend), "padding" (same for every query), or refuse."""
     value = mask_value.float()
     if value.dim() != 4 or value.shape[1] != 1:
         raise UserError(

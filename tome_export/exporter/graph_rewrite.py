@@ -112,4 +112,3 @@ def _dtype(node) -> torch.dtype | None:
         return node.meta["tome_dtype"]
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value.dtype if isinstance(value, torch.Tensor) else None
-

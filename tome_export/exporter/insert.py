@@ -67,7 +67,6 @@ class GraphTomeState(TomeState):
         }
 
 
-
 class GraphMergedModel(nn.Module):
     """A graph-rewritten model with ToMe merges; behaves like an eagerly patched one.
 

@@ -222,9 +222,7 @@ def _import_output_types(archive: zipfile.ZipFile) -> None:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise UserError(
-                f"this .pt2 archive returns {module} outputs: install transformers to load it"
-            ) from None
+            raise UserError(f"this .pt2 archive returns {module} outputs: install transformers to load it") from None
 
 
 def _program_inputs(program: torch.export.ExportedProgram) -> list[torch.Tensor] | None:

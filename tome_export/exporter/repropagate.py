@@ -208,4 +208,3 @@ def _run_nodes(gm, env, inputs, mode, old_shapes, base_tokens) -> None:
                         f"token count{hint}: {_first_line(exc)}"
                     ) from None
                 node.meta["val"] = env[node]
-

@@ -18,7 +18,9 @@ def _windowed(module: nn.Module) -> str | None:
     if getattr(module, "window_size", None) is not None and (
         getattr(module, "shift_size", None) is not None or "swin" in type(module).__name__.lower()
     ):
-        return "windowed attention (tokens are grouped into fixed windows of the patch grid; merged tokens fit no window)"
+        return (
+            "windowed attention (tokens are grouped into fixed windows of the patch grid; merged tokens fit no window)"
+        )
     return None
 
 

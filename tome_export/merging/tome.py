@@ -224,9 +224,7 @@ def apply_tome(
                 "use --r 0 to export unmerged, or another method"
             )
     chosen, protected, b_first = resolve_split(split, *prefix_tokens(model))
-    state = TomeState(
-        sched, depth=len(blocks), protected=protected, prop_attn=prop_attn, split=chosen, b_first=b_first
-    )
+    state = TomeState(sched, depth=len(blocks), protected=protected, prop_attn=prop_attn, split=chosen, b_first=b_first)
     state.requested = sched.requested(len(blocks))
     for index, block in enumerate(blocks):
         for name in ("ls1", "ls2", "drop_path1", "drop_path2"):
