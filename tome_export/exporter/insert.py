@@ -372,8 +372,7 @@ def merge_for_export(
                 patcher_failed = str(exc).split("; use --r 0")[0]
             else:
                 model = apply(loaded.module, "tome", **method_opts)
-                model._tome_state.r0_gate = err
-                progress.say(f"• eager patcher: r=0 reproduces the unpatched model (max abs err {err:.2g})")
+                model._tome_state.r0_gate = err  # in the manifest; no progress line (errors stay one line)
                 return model
     try:
         return insert_for_export(loaded, method_opts, input_shapes, protected, progress)
