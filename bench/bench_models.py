@@ -9,7 +9,7 @@ Models (random weights from configs unless said; batch 1, fp32):
 
 Per model, the r=0 export and the merged exports are timed interleaved in one process
 (ORT sessions without thread spinning; warm-up, then medians). The FLOP ratio comes from
-the per-layer token counts (projections + MLP 24·N·C², attention 4·N²·C). Prints one
+the per-layer token counts (``bench/flops.py``: attention before the merge, MLP after). Prints one
 JSON object last. Usage: python bench/bench_models.py [--models a,b] [--r 16] [--runs 20]
 Full-size models: run on a quiet machine, one process at a time.
 """
@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_lowerings import interleaved_medians  # noqa: E402
+from bench.flops import vit_flops  # noqa: E402
 from tome_export.exporter.insert import insert_merges  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.merging import apply, merge_state  # noqa: E402
@@ -90,10 +91,6 @@ def minilm():
 MODELS = {"vit_b_timm": vit_b_timm, "vit_b_hf": vit_b_hf, "dinov2_s": dinov2_s, "clip_b16": clip_b16, "minilm": minilm}
 
 
-def _flops(tokens_per_layer: list[int], channels: int) -> float:
-    return sum(24 * n * channels**2 + 4 * n * n * channels for n in tokens_per_layer)
-
-
 def _merged(build, r: int):
     model, inputs, how = build()
     if how == "eager":
@@ -101,9 +98,10 @@ def _merged(build, r: int):
         apply(model, "tome", r=r)
         with torch.no_grad():
             model(*inputs)
-        return model, inputs, merge_state(model).tokens_per_layer
+        state = merge_state(model)
+        return model, inputs, (state.tokens_per_layer, state.r_per_layer)
     merged = insert_merges(model, inputs, r=r)
-    return merged, inputs, merged._tome_state.tokens_per_layer
+    return merged, inputs, (merged._tome_state.tokens_per_layer, merged._tome_state.r_per_layer)
 
 
 def bench_model(name: str, r: int, runs: int) -> dict:
@@ -111,22 +109,25 @@ def bench_model(name: str, r: int, runs: int) -> dict:
     base_model, inputs, how = build()
     channels = next(m for m in base_model.modules() if isinstance(m, torch.nn.LayerNorm)).normalized_shape[0]
     variants, tokens = {}, {}
-    exported = export_onnx(base_model, inputs, "scatter")
+    # r=0 through the same path as the merged model (patcher or insertion), so only merging differs
+    baseline, inputs, _ = _merged(build, 0)
+    exported = export_onnx(baseline, inputs, "scatter")
     variants["r=0"] = (OnnxRuntimeRunner(exported.model, spinning=False), None)
-    del base_model
+    del base_model, baseline
     merged, inputs, tokens[r] = _merged(build, r)
     exported_merged = export_onnx(merged, inputs, "scatter")
     variants[f"r={r}"] = (OnnxRuntimeRunner(exported_merged.model, spinning=False), None)
     feeds = {n: t.numpy() for n, t in zip(exported.input_names, inputs)}
     variants = {k: (runner, feeds) for k, (runner, _) in variants.items()}
     medians = interleaved_medians(variants, runs=runs)
-    depth = len(tokens[r])
-    flop_ratio = _flops([tokens[r][0]] * depth, channels) / _flops(tokens[r], channels)
+    per_layer, r_per_layer = tokens[r]
+    unmerged = vit_flops(per_layer[:1] * len(per_layer), [0] * len(per_layer), channels)
+    flop_ratio = unmerged / vit_flops(per_layer, r_per_layer, channels)
     speedup = medians["r=0"] / medians[f"r={r}"]
     gc.collect()
     return {
         "insertion": how,
-        "tokens_in": tokens[r][0],
+        "tokens_in": tokens[r][0][0],
         "r": r,
         "ort_ms_r0": medians["r=0"],
         "ort_ms_merged": medians[f"r={r}"],

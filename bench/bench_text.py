@@ -13,8 +13,8 @@ Two text sets, both at 128 tokens (the length the ORT timing uses):
 Per r: mean / min cosine between merged and unmerged embeddings, and how often the
 nearest neighbour (cosine, among the set) stays the same. Speed: ORT CPU sessions (no
 spinning) of the exported graphs, batch 1, variants interleaved, medians; FLOP ratio from
-the per-layer token counts. Prints one JSON object last.
-Usage: python bench/bench_text.py [--r 0,8,12,16,20] [--runs 20] [--quick]
+the per-layer token counts (``bench/flops.py``: attention before the merge, MLP after). Prints one JSON object last.
+Usage: python bench/bench_text.py [--r 0,8,12,16,20] [--runs 20] [--quick] [--sets passages,sentences]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_lowerings import interleaved_medians  # noqa: E402
+from bench.flops import vit_flops  # noqa: E402
 from tome_export.exporter.insert import insert_merges  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
@@ -146,23 +147,19 @@ def nearest(emb: torch.Tensor) -> torch.Tensor:
     return sims.argmax(1)
 
 
-def layer_flops(tokens: int, channels: int = 384) -> float:
-    return 24 * tokens * channels**2 + 4 * tokens**2 * channels  # projections + MLP, attention
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--r", default="0,8,12,16,20")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="passages only, fewer runs")
+    parser.add_argument("--sets", default="passages,sentences", help="text sets for fidelity")
     args = parser.parse_args()
     r_values = [int(v) for v in args.r.split(",")]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer, hf_model = load_minilm()
     encoder = Encoder(hf_model).eval()
-    sets = text_sets(tokenizer)
-    if args.quick:
-        sets = {"passages": sets["passages"]}
+    all_sets = text_sets(tokenizer)
+    sets = {name: all_sets[name] for name in (["passages"] if args.quick else args.sets.split(","))}
     fidelity: dict = {}
     for name, texts in sets.items():
         batch = tokenizer(texts, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
@@ -180,7 +177,7 @@ def main() -> None:
             }
             print(name, r, fidelity[name][f"r={r}"], file=sys.stderr)
     # Speed: batch 1, one real 128-token passage.
-    one = tokenizer(sets["passages"][:1], padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
+    one = tokenizer(all_sets["passages"][:1], padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
     inputs = (one["input_ids"], one["attention_mask"])
     variants, flops = {}, {}
     for r in r_values:
@@ -188,7 +185,8 @@ def main() -> None:
         exported = export_onnx(merged, inputs, "scatter")
         runner = OnnxRuntimeRunner(exported.model, spinning=False)
         variants[f"r={r}"] = (runner, {n: t.numpy() for n, t in zip(exported.input_names, inputs)})
-        flops[f"r={r}"] = sum(layer_flops(n) for n in merged._tome_state.tokens_per_layer)
+        state = merged._tome_state  # attention at the block's input count, MLP after the merge
+        flops[f"r={r}"] = vit_flops(state.tokens_per_layer, state.r_per_layer, 384, mlp_ratio=4.0)
     medians = interleaved_medians(variants, runs=5 if args.quick else args.runs)
     base = f"r={r_values[0]}"
     speed = {

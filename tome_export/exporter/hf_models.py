@@ -10,7 +10,8 @@ sentence-transformers folder (``modules.json``) loads its transformer as ``AutoM
 Input declarations follow the model's ``main_input_name``: images get
 ``default_input_shape`` (1, channels, size, size) from the config; text models get
 ``default_input_shapes`` [(1, 128), (1, 128)] and ``tome_input_specs`` (token ids in the
-vocabulary, a key-padding attention mask).
+vocabulary, a key-padding attention mask) and, with a pooler, ``tome_protected_tokens = 1``
+(``[CLS]`` never merges).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def declare_inputs(model: nn.Module, config) -> nn.Module:
             {"dtype": "int64", "padding": True},
         ]
         wrapped.config = config
+        # [CLS] feeds the pooler (pooler_output): keep it out of merging, as ToMe keeps a class token.
+        wrapped.tome_protected_tokens = 1 if getattr(model, "pooler", None) is not None else 0
         return wrapped
     vision = getattr(config, "vision_config", config)
     size = getattr(vision, "image_size", None)

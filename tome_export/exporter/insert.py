@@ -301,6 +301,8 @@ def insert_for_export(loaded, method_opts: dict, input_shapes, protected: int | 
     else:
         why = f"{type(loaded.module).__name__} has no blocks the eager patcher claims"
     example_inputs = make_inputs(loaded.module, input_shapes, 0)  # declared dtypes (token ids, masks…)
+    if protected is None:  # a model may declare prefix tokens the graph cannot show ([CLS] of BERT)
+        protected = getattr(loaded.module, "tome_protected_tokens", None)
     # Reported once done, not as a progress step: bad input must stay a one-line error.
     start = time.perf_counter()
     model = insert_merges(loaded.program or loaded.module, example_inputs, protected=protected, **method_opts)
@@ -353,12 +355,11 @@ def merge_for_export(
         if protected is not None:
             raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
         return apply(loaded.module, method, **method_opts)
-    if loaded.program is None:
-        refuse_unmergeable(loaded.module)
+    if loaded.program is not None:  # its input shapes are fixed: insert_for_export checks them
+        return insert_for_export(loaded, method_opts, input_shapes, protected, progress)
+    refuse_unmergeable(loaded.module)
     inputs = [make_inputs(loaded.module, input_shapes, seed) for seed in range(max(1, seeds))]
     _probe_inputs(loaded, input_shapes, inputs[0])
-    if loaded.program is not None:
-        return insert_for_export(loaded, method_opts, input_shapes, protected, progress)
     patcher_failed = None
     blocks = [m for m in loaded.module.modules() if looks_like_vit_block(m)]
     if blocks and protected is None:
