@@ -362,7 +362,9 @@ def merge_for_export(
     _probe_inputs(loaded, input_shapes, inputs[0])
     patcher_failed = None
     blocks = [m for m in loaded.module.modules() if looks_like_vit_block(m)]
-    if blocks and protected is None:
+    if blocks and protected is not None:
+        raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
+    if blocks:
         feature = next((f for f in map(unsupported_feature, blocks) if f), None)
         if feature is not None:
             patcher_failed = f"{type(blocks[0]).__name__}: the ToMe patcher does not implement {feature}"

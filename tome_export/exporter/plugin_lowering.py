@@ -6,9 +6,11 @@ The node's contract is fixed (the TensorRT plugin and the Triton kernel implemen
 - domain ``tome_export``, op_type ``BipartiteMerge``, opset version 1 of that domain;
 - inputs ``metric`` (B, N, D) float, ``x`` (B, N, C) float, ``size`` (B, N, 1) float;
 - outputs ``x_out`` (B, N-r, C) float, ``size_out`` (B, N-r, 1) float, ``slot`` (B, N) int64;
-- attributes ``r`` (int), ``protected`` (int), ``mode`` (string, ``"weighted_mean"``), and
-  ``b_first`` (int, optional, default 0; written only when 1): the body after the
-  protected prefix alternates B, A — the official ToMe split of a class-token model.
+- attributes ``r`` (int), ``protected`` (int), ``mode`` (string): ``"weighted_mean"``, or
+  ``"weighted_mean_b_first"`` when the body after the protected prefix alternates B, A (the
+  official ToMe split of a class-token model). A mode, not a new attribute, so nodes
+  written before keep their meaning and an implementation that knows only
+  ``weighted_mean`` refuses the other instead of computing the wrong split.
 
 Semantics: exactly ``tome_export.merging.bipartite.merge_tokens`` (documented in
 docs/lowerings.md).
@@ -22,7 +24,6 @@ exactly ``tome_export.merging.tomesd.merge_tokens`` (docs/diffusion.md).
 from __future__ import annotations
 
 import onnx.defs
-import onnx.helper
 from onnx.defs import OpSchema
 from onnxscript import values
 
@@ -31,7 +32,7 @@ from tome_export.exporter.lowerings import Lowering, register_lowering
 PLUGIN_DOMAIN = "tome_export"
 PLUGIN_OP_TYPE = "BipartiteMerge"
 PLUGIN_VERSION = 1
-PLUGIN_MODES = ("weighted_mean",)
+PLUGIN_MODES = ("weighted_mean", "weighted_mean_b_first")
 
 
 def plugin_schema() -> OpSchema:
@@ -52,9 +53,8 @@ def plugin_schema() -> OpSchema:
         attributes=[
             OpSchema.Attribute("r", OpSchema.AttrType.INT, "tokens merged away"),
             OpSchema.Attribute("protected", OpSchema.AttrType.INT, "leading tokens that never merge"),
-            OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "'weighted_mean'"),
             OpSchema.Attribute(
-                "b_first", onnx.helper.make_attribute("b_first", 0), "1: the body alternates B, A (official split)"
+                "mode", OpSchema.AttrType.STRING, "'weighted_mean', or 'weighted_mean_b_first' (official split)"
             ),
         ],
     )
@@ -102,11 +102,8 @@ plugin_opset = values.Opset(PLUGIN_DOMAIN, PLUGIN_VERSION)
 
 def merge_plugin(metric, x, size, r: int, protected: int, b_first: bool = False):
     """``tome_export::bipartite_merge`` → one ``tome_export.BipartiteMerge`` node."""
-    # b_first only when set: graphs of the prefix split keep the original attribute set.
-    extra = {"b_first": 1} if b_first else {}
-    return plugin_opset.BipartiteMerge(
-        metric, x, size, r=int(r), protected=int(protected), mode="weighted_mean", _outputs=3, **extra
-    )
+    mode = PLUGIN_MODES[1] if b_first else PLUGIN_MODES[0]
+    return plugin_opset.BipartiteMerge(metric, x, size, r=int(r), protected=int(protected), mode=mode, _outputs=3)
 
 
 def tomesd_merge_plugin(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed: int):

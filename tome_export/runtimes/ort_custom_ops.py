@@ -29,7 +29,6 @@ def bipartite_merge_numpy(
     r: int,
     protected: int,
     mode: str = "weighted_mean",
-    b_first: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The plugin's semantics on numpy arrays: exactly ``bipartite.merge_tokens``."""
     import torch
@@ -50,7 +49,7 @@ def bipartite_merge_numpy(
                 torch.from_numpy(np.ascontiguousarray(size)),
                 int(r),
                 int(protected),
-                bool(b_first),
+                mode.endswith("_b_first"),
             )
     finally:
         torch.set_num_threads(threads)
@@ -100,7 +99,6 @@ def custom_ops_library() -> str:
             "r": PyCustomOpDef.dt_int64,
             "protected": PyCustomOpDef.dt_int64,
             "mode": PyCustomOpDef.dt_string,
-            "b_first": PyCustomOpDef.dt_int64,
         },
     )(bipartite_merge_numpy)
     onnx_op(
