@@ -177,7 +177,9 @@ def main() -> None:
             }
             print(name, r, fidelity[name][f"r={r}"], file=sys.stderr)
     # Speed: batch 1, one real 128-token passage.
-    one = tokenizer(all_sets["passages"][:1], padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
+    one = tokenizer(
+        all_sets["passages"][:1], padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt"
+    )
     inputs = (one["input_ids"], one["attention_mask"])
     variants, flops = {}, {}
     for r in r_values:
