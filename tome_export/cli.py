@@ -1,8 +1,9 @@
 """``tome-export`` command line.
 
 ``tome-export MODEL --target onnx …`` exports (the default command); subcommands sit
-beside it. Bad input prints one line and exits 2; a failed verification exits 1; a
-missing backend exits 3.
+beside it. Every :class:`~tome_export.errors.TomeExportError` prints one line and exits
+with its ``exit_code``: 2 bad input, 1 failed verification, 3 missing backend. The
+options several commands share (``--db``, ``--json``, ``-q``) are defined once below.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import sys
 import click
 
 from tome_export import __version__
-from tome_export.errors import BackendMissing, UserError, VerificationError
+from tome_export.errors import TomeExportError, UserError
+
+db_option = click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+
+
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON on stdout.")
 
 
 class DefaultToExport(click.Group):
@@ -81,78 +89,15 @@ def main() -> None:
 @click.option("--num-steps", type=int, default=None, help="tdtm: denoising steps in all (default 30).")
 @click.option("--dynamic-loading", is_flag=True, help="Also split the graph into blocks loaded on demand.")
 @click.option("--memory-budget", default=None, help="Dynamic loading budget, e.g. 512MB (default: device's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def export_command(
-    model,
-    target,
-    method,
-    r,
-    schedule,
-    input_shape,
-    out,
-    lowering,
-    device,
-    opset,
-    weights,
-    trust_pickle,
-    no_verify,
-    seeds,
-    atol,
-    no_prop_attn,
-    split,
-    pin_decisions,
-    build_engine,
-    no_trt_check,
-    chunk_mb,
-    ratio,
-    sx,
-    sy,
-    max_downsample,
-    protected,
-    merge_steps,
-    num_steps,
-    dynamic_loading,
-    memory_budget,
-    as_json,
-    quiet,
-) -> None:
+@json_option("the manifest")
+@quiet_option
+def export_command(as_json: bool, quiet: bool, **params) -> None:
     """Export MODEL with token merging and verify it against eager PyTorch."""
-    from tome_export.pipeline import ExportOptions, export
+    from tome_export.options import ExportOptions
+    from tome_export.pipeline import export
     from tome_export.progress import Progress
 
-    options = ExportOptions(
-        model=model,
-        target=target,
-        method=method,
-        r=r,
-        schedule=schedule,
-        input_shape=input_shape,
-        out=out,
-        lowering=lowering,
-        device=device,
-        opset=opset,
-        verify=not no_verify,
-        seeds=seeds,
-        atol=atol,
-        weights=weights,
-        trust_pickle=trust_pickle,
-        prop_attn=not no_prop_attn,
-        split=split,
-        pin_decisions=pin_decisions,
-        build_engine=build_engine,
-        trt_check=not no_trt_check,
-        chunk_mb=chunk_mb,
-        ratio=ratio,
-        sx=sx,
-        sy=sy,
-        max_downsample=max_downsample,
-        protected=protected,
-        merge_steps=merge_steps,
-        num_steps=num_steps,
-        dynamic_loading=dynamic_loading,
-        memory_budget=memory_budget,
-    )
+    options = ExportOptions.from_cli(params)
     progress = Progress(quiet)
     path, manifest = export(options, progress)
     if as_json:
@@ -161,7 +106,7 @@ def export_command(
 
 
 @main.command("devices")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("the profiles")
 def devices_command(as_json: bool) -> None:
     """List device profiles."""
     from tome_export.devices import profiles
@@ -202,11 +147,11 @@ def _sweep_values(text: str | None) -> list[int] | None:
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed warm-up runs.")
 @click.option("--batch-sizes", default=None, help="e.g. 1,8: throughput per batch size (re-exports a static bundle).")
 @click.option("--sweep", default=None, help="r=0,8,16: re-export at each r, measure speed and fidelity.")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@db_option
 @click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@json_option("the records")
+@quiet_option
 def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, as_json, quiet):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
@@ -236,13 +181,13 @@ def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fid
 
 
 @main.command("report")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
-@click.option("--json", "as_json", is_flag=True, help="All records as JSON (the import-results format).")
+@db_option
+@json_option("all records (the import-results format)")
 @click.option("--plots", default=None, help="Folder for PNG plots (latency vs ratio, per-layer bars).")
 @click.option("--import", "import_file", default=None, help="Import a results JSON file first.")
 @click.option("--device", default=None, help="Only this device.")
 @click.option("--model", default=None, help="Only this model.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 def report_command(db, as_json, plots, import_file, device, model, quiet):
     """Compare stored results across devices."""
     from tome_export.profiling import ResultStore
@@ -269,8 +214,8 @@ def report_command(db, as_json, plots, import_file, device, model, quiet):
 
 @main.command("import-results")
 @click.argument("file")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@db_option
+@quiet_option
 def import_results_command(file, db, quiet):
     """Import results measured elsewhere (Jetson, phone) from a JSON file (`report --json` format)."""
     from tome_export.profiling import ResultStore
@@ -292,15 +237,15 @@ def import_results_command(file, db, quiet):
 @click.option("--runs", type=int, default=20, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--remeasure", is_flag=True, help="Ignore stored points and measure every candidate.")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@db_option
 @click.option("--trust-pickle", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@json_option("the decision")
+@quiet_option
 def tune_command(
     model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, db, trust_pickle, as_json, quiet
 ):
     """Find the r that meets a latency budget on DEVICE with the best fidelity (exit 1 if none does)."""
-    from tome_export.pipeline import parse_input_shape
+    from tome_export.options import parse_input_shape
     from tome_export.profiling import ResultStore
     from tome_export.profiling.tune import parse_budget, tune
     from tome_export.progress import Progress
@@ -350,7 +295,7 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         return 2
-    except (UserError, VerificationError, BackendMissing) as exc:
+    except TomeExportError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -15,7 +15,6 @@ scores clearly worse: its matching is wrong), ``lowering_error`` (error stays wh
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,7 @@ from torch import nn
 from tome_export.inputs import make_inputs
 from tome_export.merging import merge_state
 from tome_export.merging.pinning import forced_decisions
+from tome_export.outputs import flatten_outputs
 
 # Largest drop in eager cosine similarity a pinned decision may cost and still count as
 # a near-tie: fp16 rounds a cosine in [-1, 1] by up to ~5e-4, TF32 dot products by ~1e-3.
@@ -62,36 +62,6 @@ class Verification:
                 f"largest tie gap {self.pinned['max_tie_gap']:.2g} → {self.pinned['diagnosis']}"
             )
         return text
-
-
-def flatten_outputs(value, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """A model's outputs as (name, tensor) pairs, in order.
-
-    A tensor alone is ``output``; tuples/lists name items ``output_0``…; dicts and
-    ``ModelOutput``/dataclasses keep their field names (``logits``, ``last_hidden_state``),
-    nested names joined by ``.``; ``None`` fields are skipped (as ``ModelOutput`` does)."""
-    if isinstance(value, torch.Tensor):
-        return [(prefix or "output", value)]
-    if isinstance(value, dict):  # ModelOutput is an OrderedDict of its non-None fields
-        items = [(str(k), v) for k, v in value.items()]
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
-    elif isinstance(value, (tuple, list)):
-        if len(value) == 1 and not prefix:
-            return flatten_outputs(value[0], prefix)
-        items = [(f"{prefix or 'output'}_{i}" if not prefix else str(i), v) for i, v in enumerate(value)]
-        if not prefix:
-            return [pair for name, v in items for pair in flatten_outputs(v, name)]
-    elif value is None:
-        return []
-    else:
-        raise TypeError(f"model output of type {type(value).__name__} is not a tensor, tuple, dict or dataclass")
-    return [pair for name, v in items for pair in flatten_outputs(v, f"{prefix}.{name}" if prefix else name)]
-
-
-def output_names(value) -> list[str]:
-    """Names of a model's flattened outputs (see :func:`flatten_outputs`)."""
-    return [name for name, _ in flatten_outputs(value)]
 
 
 def random_inputs(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 TEXT_TOKENS = 128
 
@@ -90,7 +90,7 @@ def load_hf(spec: str) -> tuple[nn.Module, str]:
         cls = _model_class(config, transformers)
         model = cls.from_pretrained(spec, local_files_only=local or offline)
     except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc, 300)
         raise UserError(f"cannot load hf:{spec}: {first}") from None
     short = folder.name if local else spec.rsplit("/", 1)[-1]
     return declare_inputs(model.eval(), config), short

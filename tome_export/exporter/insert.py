@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 from tome_export.exporter.graph_blocks import (
     PrefixTokens,
     _ancestors,
@@ -42,7 +42,7 @@ from tome_export.exporter.graph_blocks import (
 )
 from tome_export.exporter.graph_masks import MaskFollower, masks_to_follow
 from tome_export.exporter.graph_rewrite import _insert, _merge_after, _proportional_attention
-from tome_export.exporter.repropagate import _first_line, repropagate
+from tome_export.exporter.repropagate import repropagate
 from tome_export.inputs import make_inputs
 from tome_export.merging import ops
 from tome_export.merging import schedule as schedules
@@ -114,18 +114,8 @@ def _with_input_names(names: list[str]) -> type[GraphMergedModel]:
 
 
 def as_schedule(r: int | None, schedule) -> schedules.Schedule:
-    """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes."""
-    if (r is None) == (schedule is None):
-        raise UserError("give exactly one of r= or schedule= for method 'tome'")
-    if r is not None:
-        return schedules.constant(r)
-    if isinstance(schedule, schedules.Schedule):
-        return schedule
-    if isinstance(schedule, tuple) and len(schedule) == 2 and isinstance(schedule[1], float):
-        return schedules.Schedule("linear", r=int(schedule[0]), inflection=float(schedule[1]))
-    if any(v < 0 for v in schedule):
-        raise UserError(f"schedule {list(schedule)}: every r must be ≥ 0")
-    return schedules.Schedule("list", per_layer=tuple(int(v) for v in schedule))
+    """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes (one parser for both)."""
+    return schedules.coerce(r, schedule)
 
 
 def _to_program(model_or_program, example_inputs: tuple) -> torch.export.ExportedProgram:
@@ -136,7 +126,9 @@ def _to_program(model_or_program, example_inputs: tuple) -> torch.export.Exporte
     try:
         return torch.export.export(model_or_program.eval(), tuple(example_inputs))
     except Exception as exc:
-        raise UserError(f"torch.export could not trace {type(model_or_program).__name__}: {_first_line(exc)}") from None
+        raise UserError(
+            f"torch.export could not trace {type(model_or_program).__name__}: {first_line(exc, 200)}"
+        ) from None
 
 
 def _static_program(program: torch.export.ExportedProgram, example_inputs: tuple) -> torch.export.ExportedProgram:
@@ -154,7 +146,7 @@ def _static_program(program: torch.export.ExportedProgram, example_inputs: tuple
         return torch.export.export(program.module(), example_inputs)
     except Exception as exc:
         raise UserError(
-            f"cannot specialize the dynamic program to the input shapes given: {_first_line(exc)}"
+            f"cannot specialize the dynamic program to the input shapes given: {first_line(exc, 200)}"
         ) from None
 
 
@@ -336,7 +328,9 @@ def _probe_inputs(loaded, input_shapes, inputs: tuple) -> None:
             if expected is not None and [tuple(expected)] != [tuple(s) for s in input_shapes]
             else "; pass the --input-shape it expects"
         )
-        raise UserError(f"{loaded.source} rejects input shape {shapes}: {_first_line(exc).rstrip('.')}{hint}") from None
+        raise UserError(
+            f"{loaded.source} rejects input shape {shapes}: {first_line(exc, 200).rstrip('.')}{hint}"
+        ) from None
 
 
 def merge_for_export(

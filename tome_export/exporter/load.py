@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 
 class ExportedModule(nn.Module):
@@ -106,8 +106,7 @@ def _from_timm(name: str, weights: str | None) -> nn.Module:
         try:
             model.load_state_dict(_load_state_dict(weights))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise UserError(f"--weights {weights} does not fit timm:{name}: {first}") from None
+            raise UserError(f"--weights {weights} does not fit timm:{name}: {first_line(exc)}") from None
     return model
 
 
@@ -194,7 +193,7 @@ def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
         try:
             return torch.export.load(str(file))
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             # torch.export.load puts the cause in a warning and says "check the warnings above".
             causes = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
             if causes:

@@ -1,4 +1,10 @@
-"""torch.export → ONNX with the merge op translated by a chosen lowering."""
+"""torch.export → ONNX with the merge op translated by a chosen lowering.
+
+``export_onnx`` is the exporter's one entry point: it traces the model with its merge
+decisions as extra outputs, applies the tracer's rewrites, translates with the lowering's
+table plus the ATen fixes, and returns an :class:`OnnxExport` holding the shipped graph,
+the graph verification runs, and this export's own log (rewrites, lowering notes).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +19,19 @@ import onnx
 import torch
 from torch import nn
 
+from tome_export.contract import decision_names as decision_output_names
 from tome_export.errors import UserError
-from tome_export.exporter import aten_fixes, lowerings, tomesd_lowering, tracer  # noqa: F401  (tomesd translations)
+from tome_export.exporter import aten_fixes, tracer
+from tome_export.exporter.export_log import ExportLog, recording
 from tome_export.exporter.lowerings import LOWERINGS, get_lowering
+from tome_export.graph_passes import drop_outputs
 from tome_export.merging import merge_state
 from tome_export.merging.ops import OP_NAMESPACE, merge_op_overloads
 
-DECISION_PREFIX = "tome_slots_"
 DEFAULT_OPSET = 18
 
 
-class _WithDecisions(nn.Module):
+class WithDecisions(nn.Module):
     """Returns the model's outputs followed by every merging layer's slot map."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -31,7 +39,7 @@ class _WithDecisions(nn.Module):
         self.model = model
 
     def forward(self, *args):
-        from tome_export.verify import flatten_outputs
+        from tome_export.outputs import flatten_outputs
 
         outs = [t for _, t in flatten_outputs(self.model(*args))]  # ModelOutput, dicts, tuples: flat
         state = merge_state(self.model)
@@ -109,25 +117,27 @@ def export_onnx(
     example_inputs: tuple[torch.Tensor, ...],
     lowering: str = "scatter",
     opset: int = DEFAULT_OPSET,
+    program: torch.export.ExportedProgram | None = None,
 ) -> OnnxExport:
-    """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked."""
+    """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked.
+
+    ``program``: an ``ExportedProgram`` of ``WithDecisions(model)`` made elsewhere (Core ML
+    lowers merges to dense ATen ops in torch first); default: torch.export of the model."""
     model.eval()
-    from tome_export.verify import output_names as flat_output_names
+    from tome_export.outputs import output_names as flat_output_names
 
     with torch.no_grad():
         reference = model(*example_inputs)
     state = merge_state(model)
-    num_decisions = len(state.slots) if state is not None else 0
     input_names = input_names_for(model, len(example_inputs))
     output_names = flat_output_names(reference)  # field names kept (logits, last_hidden_state…)
-    decision_names = [f"{DECISION_PREFIX}{i}" for i in range(num_decisions)]
-    start = len(aten_fixes.REWRITES)
-    notes_start = len(lowerings.LOWERING_NOTES)
-    with _quiet():
-        exported_program = torch.export.export(_WithDecisions(model), tuple(example_inputs), strict=False)
+    decision_names = decision_output_names(len(state.slots) if state is not None else 0)
+    log = ExportLog()
+    with _quiet(), recording(log):
+        exported_program = program or torch.export.export(WithDecisions(model), tuple(example_inputs), strict=False)
         _check_translations(exported_program, lowering)
         tracer_rewrites = tracer.rewrite_program(exported_program)
-        program = torch.onnx.export(
+        onnx_program = torch.onnx.export(
             exported_program,
             tuple(example_inputs),
             dynamo=True,
@@ -138,9 +148,7 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    full = program.model_proto
-    from tome_export.graph_passes import drop_outputs
-
+    full = onnx_program.model_proto
     shipped = drop_outputs(full, set(decision_names)) if decision_names else full
     return OnnxExport(
         model=shipped,
@@ -148,7 +156,7 @@ def export_onnx(
         input_names=input_names,
         output_names=output_names,
         decision_names=decision_names,
-        rewrites=tracer_rewrites + list(aten_fixes.REWRITES[start:]),
-        lowering_notes=list(lowerings.LOWERING_NOTES[notes_start:]),
+        rewrites=tracer_rewrites + log.rewrites,
+        lowering_notes=log.notes,
         custom_domains=sorted({o.domain for o in shipped.opset_import} & set(get_lowering(lowering).custom_domains)),
     )

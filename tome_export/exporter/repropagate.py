@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from torch.fx.node import map_arg
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 from tome_export.exporter.graph_rewrite import INSERTED
 
 aten = torch.ops.aten
@@ -136,10 +136,6 @@ SIZE_FIXERS: dict[object, FixFn] = {
 }
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
 def _rerun(gm: fx.GraphModule, node: fx.Node, env: dict, old_shapes: dict, base_tokens: int):
     """Fix ``node``'s size arguments if its input changed shape, then run it on fakes."""
     first = node.args[0] if node.args else None
@@ -205,6 +201,6 @@ def _run_nodes(gm, env, inputs, mode, old_shapes, base_tokens) -> None:
                     )
                     raise UserError(
                         f"graph-level merging cannot adapt node {node.name} ({node.target}) to the merged "
-                        f"token count{hint}: {_first_line(exc)}"
+                        f"token count{hint}: {first_line(exc, 200)}"
                     ) from None
                 node.meta["val"] = env[node]

@@ -198,18 +198,7 @@ def apply_tome(
 
     ``split``: ``"official"`` (facebookresearch/ToMe's A/B split; the default for class /
     distillation-token models) or ``"prefix"`` (default with register tokens)."""
-    if (r is None) == (schedule is None):
-        raise UserError("give exactly one of r= or schedule= for method 'tome'")
-    if r is not None:
-        sched = schedules.constant(r)
-    elif isinstance(schedule, schedules.Schedule):
-        sched = schedule
-    elif isinstance(schedule, tuple):
-        sched = schedules.Schedule("linear", r=int(schedule[0]), inflection=float(schedule[1]))
-    else:
-        if any(v < 0 for v in schedule):
-            raise UserError(f"schedule {list(schedule)}: every r must be ≥ 0")
-        sched = schedules.Schedule("list", per_layer=tuple(int(v) for v in schedule))
+    sched = schedules.coerce(r, schedule)
     blocks = [m for m in model.modules() if looks_like_vit_block(m)]
     if not blocks:
         raise UserError(
@@ -259,7 +248,7 @@ def remove_tome(model: nn.Module) -> nn.Module:
 
 def _outputs(value) -> list[torch.Tensor]:
     """Every tensor in a model's output (tuples, dicts, dataclasses / ModelOutput)."""
-    from tome_export.verify import flatten_outputs
+    from tome_export.outputs import flatten_outputs
 
     return [t for _, t in flatten_outputs(value)]
 

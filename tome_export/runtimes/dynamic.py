@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tome_export.bundle import sha256_file
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 
 class BlockFileError(UserError):
@@ -252,8 +252,7 @@ class DynamicRunner:
         try:
             session = ort.InferenceSession(str(self.root / spec.artifact), options, providers=list(self.providers))
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BlockFileError(f"cannot load block file {spec.artifact}: {first}") from None
+            raise BlockFileError(f"cannot load block file {spec.artifact}: {first_line(exc)}") from None
         return session, time.perf_counter() - start
 
     def _resident_bytes(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from tome_export.errors import BackendMissing
+from tome_export.errors import BackendMissing, first_line
 
 CUDA_EP = "CUDAExecutionProvider"
 INSTALL_HINT = "pip install 'tome-export[gpu]' (onnxruntime-gpu: CUDA 12/13 and cuDNN 9)"
@@ -49,7 +49,7 @@ class CudaGraphRunner:
                 self.session = ort.InferenceSession(data, providers=[(CUDA_EP, options)])
                 self.cuda_graph = True
             except Exception as exc:  # some node is not on CUDA: capture is impossible
-                self.fallback_reason = (str(exc).strip().splitlines() or ["unknown"])[0]
+                self.fallback_reason = first_line(exc)
         if self.session is None:
             self.session = ort.InferenceSession(data, providers=[(CUDA_EP, base), "CPUExecutionProvider"])
         self.device_id = device_id

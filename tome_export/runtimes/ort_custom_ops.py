@@ -12,14 +12,10 @@ import functools
 
 import numpy as np
 
+from tome_export.contract import BIPARTITE_MODES as PLUGIN_MODES
+from tome_export.contract import BIPARTITE_OP_TYPE as PLUGIN_OP_TYPE
+from tome_export.contract import PLUGIN_DOMAIN, TOMESD_ATTRIBUTES, TOMESD_OP_TYPE
 from tome_export.errors import BackendMissing
-from tome_export.exporter.plugin_lowering import (
-    PLUGIN_DOMAIN,
-    PLUGIN_MODES,
-    PLUGIN_OP_TYPE,
-    TOMESD_ATTRIBUTES,
-    TOMESD_OP_TYPE,
-)
 
 
 def bipartite_merge_numpy(
