@@ -16,8 +16,8 @@ from tests.test_official_tome import reference_merge  # noqa: E402
 from tome_export.errors import UserError  # noqa: E402
 from tome_export.exporter.insert import insert_merges  # noqa: E402
 from tome_export.inputs import make_inputs  # noqa: E402
-from tome_export.pipeline import ExportOptions, export  # noqa: E402
 from tome_export.outputs import flatten_outputs, output_names  # noqa: E402
+from tome_export.pipeline import ExportOptions, export  # noqa: E402
 
 VISION = ["vit", "deit", "deit_distilled", "dinov2", "dinov2_registers", "clip_vision", "siglip_vision"]
 TEXT = ["bert", "minilm"]
