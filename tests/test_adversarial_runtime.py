@@ -184,17 +184,18 @@ def test_a_broken_graph_inside_a_valid_bundle_is_one_line(adv_tiny, copy_of):
     pairs=st.integers(1, 20),
     protected=st.integers(0, 2),
     dims=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    b_first=st.booleans(),
     data=st.data(),
 )
-def test_bipartite_numpy_equals_torch(batch, pairs, protected, dims, data):
+def test_bipartite_numpy_equals_torch(batch, pairs, protected, dims, b_first, data):
     tokens = protected + 2 * pairs + data.draw(st.integers(0, 1))
     r = data.draw(st.integers(0, bipartite.max_r(tokens, protected)))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     metric = rng.standard_normal((batch, tokens, dims[0])).astype(np.float32)
     x = rng.standard_normal((batch, tokens, dims[1])).astype(np.float32)
     size = rng.uniform(1, 4, (batch, tokens, 1)).astype(np.float32)
-    got = bipartite_merge(metric, x, size, r, protected)
-    want = bipartite.merge_tokens(*(torch.from_numpy(v) for v in (metric, x, size)), r, protected)
+    got = bipartite_merge(metric, x, size, r, protected, b_first)
+    want = bipartite.merge_tokens(*(torch.from_numpy(v) for v in (metric, x, size)), r, protected, b_first)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w.numpy())
 

@@ -19,8 +19,8 @@ def merge_cases(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(merge_cases(), st.integers(0, 2**16), st.booleans())
-def test_dense_merge_matches_reference(case, seed, with_ties):
+@given(merge_cases(), st.integers(0, 2**16), st.booleans(), st.booleans())
+def test_dense_merge_matches_reference(case, seed, with_ties, b_first):
     batch, num_tokens, dim, channels, r, protected = case
     generator = torch.Generator().manual_seed(seed)
     metric = torch.randn(batch, num_tokens, dim, generator=generator)
@@ -28,8 +28,8 @@ def test_dense_merge_matches_reference(case, seed, with_ties):
         metric[:, 1::3] = metric[:, :1]
     x = torch.randn(batch, num_tokens, channels, generator=generator)
     size = torch.rand(batch, num_tokens, 1, generator=generator) + 0.5
-    ref_x, ref_size, ref_slot = merge_tokens(metric, x, size, r, protected)
-    got_x, got_size, got_slot = merge_tokens_dense(metric, x, size, r, protected)
+    ref_x, ref_size, ref_slot = merge_tokens(metric, x, size, r, protected, b_first)
+    got_x, got_size, got_slot = merge_tokens_dense(metric, x, size, r, protected, b_first)
     assert torch.equal(got_slot, ref_slot)
     torch.testing.assert_close(got_x, ref_x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_size, ref_size, atol=1e-5, rtol=1e-5)

@@ -19,8 +19,9 @@ from samples.plain_transformer import from_reference
 from samples.reference_vit import VisionTransformer, vit_tiny_test
 from tome_export import cli
 from tome_export.errors import UserError
-from tome_export.exporter.insert import _view_groups, insert_merges
+from tome_export.exporter.insert import insert_merges
 from tome_export.exporter.load import load_model
+from tome_export.exporter.repropagate import _view_groups
 from tome_export.merging import merge_state
 from tome_export.pipeline import ExportOptions, export
 

@@ -31,7 +31,7 @@ LOWERING_NAMES = ("scatter", "dense", "plugin")
 
 
 class ManyMerges(nn.Module):
-    """One merge op per configuration (B, N, C, r, protected), each on its own inputs."""
+    """One merge op per configuration (B, N, C, r, protected[, b_first]), each on its own inputs."""
 
     def __init__(self, configs: list[tuple[int, int, int, int, int]]) -> None:
         super().__init__()
@@ -39,9 +39,9 @@ class ManyMerges(nn.Module):
 
     def forward(self, *tensors):
         outs = []
-        for i, (_, _, _, r, protected) in enumerate(self.configs):
+        for i, (_, _, _, r, protected, *b_first) in enumerate(self.configs):
             metric, x, size = tensors[3 * i : 3 * i + 3]
-            outs.extend(torch.ops.tome_export.bipartite_merge(metric, x, size, r, protected))
+            outs.extend(torch.ops.tome_export.bipartite_merge(metric, x, size, r, protected, *b_first))
         return tuple(outs)
 
 
@@ -50,7 +50,7 @@ def random_feeds(configs, seed: int, ties: bool = False) -> list[torch.Tensor]:
     similarities are exactly 0 or 1 and the tie-breaking rules decide everything."""
     generator = torch.Generator().manual_seed(seed)
     tensors = []
-    for batch, tokens, channels, _, _ in configs:
+    for batch, tokens, channels, *_ in configs:
         if ties:
             choice = torch.randint(0, 2, (batch, tokens), generator=generator)
             tensors.append(torch.nn.functional.one_hot(choice, 6).float())
@@ -89,8 +89,8 @@ def check_against_eager(configs, models: dict[str, onnx.ModelProto], seeds=(0, 1
             tensors = random_feeds(configs, seed, ties)
             got = runner.run({n: t.numpy() for n, t in zip(runner.input_names, tensors)})
             got = [got[n] for n in runner.output_names]
-            for i, (_, _, _, r, protected) in enumerate(configs):
-                ref = bipartite.merge_tokens(*tensors[3 * i : 3 * i + 3], r, protected)
+            for i, (_, _, _, r, protected, *b_first) in enumerate(configs):
+                ref = bipartite.merge_tokens(*tensors[3 * i : 3 * i + 3], r, protected, *b_first)
                 out_x, out_size, slot = got[3 * i : 3 * i + 3]
                 where = f"{name} config {configs[i]} seed {seed}"
                 assert out_x.shape == tuple(ref[0].shape), where
@@ -100,8 +100,13 @@ def check_against_eager(configs, models: dict[str, onnx.ModelProto], seeds=(0, 1
 
 
 # Edge cases every lowering must get right: r = 0 (nothing merges, layout still A then B),
-# r = max, odd and even token counts, 0/1/2 protected tokens, batch > 1.
+# r = max, odd and even token counts, 0/1/2 protected tokens, batch > 1; the official
+# split of a class-token model (b_first: the body after the class token starts with B).
 EDGE_CONFIGS = [
+    (1, 10, 4, 0, 1, True),
+    (2, 11, 3, 5, 1, True),
+    (1, 12, 4, 5, 1, True),
+    (2, 9, 5, 2, 0, True),
     (1, 10, 4, 0, 0),
     (2, 9, 3, 0, 2),
     (2, 12, 5, 6, 0),
@@ -127,7 +132,8 @@ def merge_configs(draw):
         protected = draw(st.integers(0, 2))
         tokens = draw(st.integers(protected + 2, 40))
         r = draw(st.integers(0, bipartite.max_r(tokens, protected)))
-        configs.append((draw(st.integers(1, 3)), tokens, draw(st.integers(1, 24)), r, protected))
+        b_first = draw(st.booleans())
+        configs.append((draw(st.integers(1, 3)), tokens, draw(st.integers(1, 24)), r, protected, b_first))
     return configs
 
 

@@ -29,16 +29,17 @@ from tome_export.verify import verify
     tokens=st.integers(2, 30),
     seed=st.integers(0, 2**16),
     data=st.data(),
+    b_first=st.booleans(),
 )
-def test_decision_round_trips_through_slot_map(batch, protected, tokens, seed, data):
+def test_decision_round_trips_through_slot_map(batch, protected, tokens, seed, data, b_first):
     tokens += protected
     r = data.draw(st.integers(0, bipartite.max_r(tokens, protected)))
     generator = torch.Generator().manual_seed(seed)
     metric = torch.randn(batch, tokens, 5, generator=generator)
     x, size = torch.randn(batch, tokens, 3, generator=generator), torch.rand(batch, tokens, 1, generator=generator) + 1
-    decision = bipartite.match(metric, r, protected)
+    decision = bipartite.match(metric, r, protected, b_first)
     slot = bipartite.slots(decision)
-    rebuilt = decision_from_slots(slot, r, protected)
+    rebuilt = decision_from_slots(slot, r, protected, b_first)
     assert torch.equal(bipartite.slots(rebuilt), slot)
     assert torch.equal(rebuilt.unm_idx, decision.unm_idx)
     for got, want in zip(bipartite.merge_weighted(rebuilt, x, size), bipartite.merge_weighted(decision, x, size)):
@@ -149,13 +150,13 @@ def test_flipped_near_tie_is_diagnosed_as_a_flip():
     assert pinned.pinned["diagnosis"] == "decision_flip" and pinned.passed
 
 
-def _broken_scale(metric, x, size, r: int, protected: int):
-    merged_x, merged_size, slot = merge_scatter(metric, x, size, r, protected)
+def _broken_scale(metric, x, size, r: int, protected: int, b_first: bool = False):
+    merged_x, merged_size, slot = merge_scatter(metric, x, size, r, protected, b_first)
     return op.Mul(merged_x, op.Constant(value_float=1.01)), merged_size, slot
 
 
-def _broken_match(metric, x, size, r: int, protected: int):
-    return merge_scatter(x, x, size, r, protected)  # matches on the tokens instead of the keys
+def _broken_match(metric, x, size, r: int, protected: int, b_first: bool = False):
+    return merge_scatter(x, x, size, r, protected, b_first)  # matches on the tokens instead of the keys
 
 
 @pytest.fixture

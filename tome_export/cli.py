@@ -62,6 +62,12 @@ def main() -> None:
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
 @click.option(
+    "--split",
+    type=click.Choice(["official", "prefix"]),
+    default=None,
+    help="tome: A/B split — official ToMe (class/distillation tokens; default there) or prefix (registers).",
+)
+@click.option(
     "--pin-decisions",
     is_flag=True,
     help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",

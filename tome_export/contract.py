@@ -23,7 +23,7 @@ BIPARTITE_OP_TYPE = "BipartiteMerge"
 BIPARTITE_INPUTS = ("metric", "x", "size")
 BIPARTITE_OUTPUTS = ("x_out", "size_out", "slot")
 BIPARTITE_ATTRIBUTES = ("r", "protected", "mode")
-BIPARTITE_MODES = ("weighted_mean",)
+BIPARTITE_MODES = ("weighted_mean", "weighted_mean_b_first")  # b_first: the official ToMe split
 
 TOMESD_OP_TYPE = "TomesdMerge"
 TOMESD_INPUTS = ("metric", "x")

@@ -9,7 +9,10 @@ builds it) declares such inputs with two optional attributes:
   (``()`` is a 0-dim input; on the command line write ``scalar``);
 - ``tome_input_specs``: one entry per input, ``None`` for random normal floats, or a dict
   ``{"dtype": "int64", "low": 0, "high": 1000}`` (uniform integers in [low, high)),
-  ``{"dtype": "float32", "value": 1.0}`` (a constant) or ``{"dtype": "float16"}``.
+  ``{"dtype": "float32", "value": 1.0}`` (a constant), ``{"dtype": "float16"}``, or
+  ``{"dtype": "int64", "padding": true}`` (an attention mask (B, N): 1 for the first
+  ``length`` tokens of each row, 0 after; row 0 full, the others of random length —
+  so verification covers padded batches).
 """
 
 from __future__ import annotations
@@ -38,12 +41,24 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def padding_mask(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """(B, N) key-padding mask: row 0 full length, other rows 1 for a random prefix of ≥ N/4 tokens."""
+    if len(shape) != 2:
+        raise UserError(f"a padding mask input must be (batch, tokens), got shape {tuple(shape)}")
+    batch, tokens = shape
+    lengths = torch.randint(max(1, tokens // 4), tokens + 1, (batch,), generator=generator)
+    lengths[0] = tokens
+    return (torch.arange(tokens)[None, :] < lengths[:, None]).to(dtype)
+
+
 def make_input(shape: Sequence[int], spec: dict | None, generator: torch.Generator) -> torch.Tensor:
     if not spec:
         return torch.randn(*shape, generator=generator)
     dtype = _dtype(spec.get("dtype", "float32"))
     if "value" in spec:
         return torch.full(tuple(shape), spec["value"], dtype=dtype)
+    if spec.get("padding"):
+        return padding_mask(shape, generator, dtype)
     if not dtype.is_floating_point:
         return torch.randint(int(spec.get("low", 0)), int(spec["high"]), tuple(shape), generator=generator, dtype=dtype)
     return torch.randn(*shape, generator=generator).to(dtype)

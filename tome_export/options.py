@@ -33,6 +33,7 @@ class ExportOptions:
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True
+    split: str | None = None  # tome: "official" | "prefix" (None: official for class-token models)
     pin_decisions: bool = False
     build_engine: bool = False  # --target trt: an engine is required (exit 3 without TensorRT)
     trt_check: bool = True  # --target trt: TensorRT-readiness check

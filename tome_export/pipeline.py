@@ -20,7 +20,7 @@ from tome_export.bundle import BundleWriter, preprocessing_for
 from tome_export.bundle.preflight import check_export_options
 from tome_export.devices import get_device
 from tome_export.errors import UserError, first_line
-from tome_export.exporter.insert import has_patcher, insert_for_export
+from tome_export.exporter.insert import merge_for_export
 from tome_export.exporter.load import load_model
 from tome_export.exporter.lowerings import get_lowering
 from tome_export.inputs import default_input_shapes, make_inputs
@@ -78,20 +78,20 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         )
         if input_shapes is None:
             raise UserError(f"cannot tell the input shape of {options.model}; pass --input-shape like 1,3,224,224")
-    if method.graph_insertion and (loaded.program is not None or not has_patcher(loaded.module)):
-        model = insert_for_export(loaded, method_opts, input_shapes, options.protected, progress)
-    elif options.protected is not None:
-        raise UserError("--protected applies to graph-level insertion (.pt2, or models without timm-style blocks)")
-    else:
-        model = method.apply(loaded.module, **method_opts)
+    # Eager patcher behind its r=0 gate, else graph-level insertion, else a one-line refusal.
+    model = merge_for_export(loaded, method.name, method_opts, input_shapes, options.protected, progress, options.seeds)
     if budget is not None:
         check_budget_fits(model, budget)
     out = Path(options.out) if options.out else default_out(loaded.name, method, method_opts, target)
     try:
         with torch.no_grad():
             model(*make_inputs(model, input_shapes, 0))
+    except UserError:
+        raise
     except Exception as exc:
-        raise UserError(f"{options.model} rejects input shape {input_shapes}: {first_line(exc)}") from None
+        expected = loaded.default_input_shape
+        hint = f"; the model expects {','.join(map(str, expected))}" if expected else ""
+        raise UserError(f"{options.model} rejects input shape {input_shapes}: {first_line(exc)}{hint}") from None
     writer = BundleWriter(out, force=options.force)
     with writer as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)

@@ -25,6 +25,7 @@ from torch import nn
 from tome_export.inputs import make_inputs
 from tome_export.merging import merge_state
 from tome_export.merging.pinning import forced_decisions
+from tome_export.outputs import flatten_outputs
 
 # Largest drop in eager cosine similarity a pinned decision may cost and still count as
 # a near-tie: fp16 rounds a cosine in [-1, 1] by up to ~5e-4, TF32 dot products by ~1e-3.
@@ -101,7 +102,7 @@ def verify(
         inputs = make_inputs(model, input_shapes, seed)
         with torch.no_grad():
             eager = model(*inputs)
-        eager_outs = list(eager) if isinstance(eager, (tuple, list)) else [eager]
+        eager_outs = [t for _, t in flatten_outputs(eager)]
         state = merge_state(model)
         eager_slots = [s.numpy() for s in state.slots] if state is not None else []
         got = run_exported({n: t.numpy() for n, t in zip(input_names, inputs)})
@@ -122,7 +123,7 @@ def verify(
                 invalid = str(exc)
             else:
                 max_gap = max([max_gap, *forced.tie_gaps])
-                pinned_outs = list(pinned) if isinstance(pinned, (tuple, list)) else [pinned]
+                pinned_outs = [t for _, t in flatten_outputs(pinned)]
                 for name, ref in zip(output_names, pinned_outs):
                     ref = ref.detach().numpy()
                     err = float(np.abs(got[name].astype(np.float64) - ref).max()) if ref.size else 0.0

@@ -21,7 +21,16 @@ from onnxscript import opset18 as op
 
 from tome_export.contract import TRT_TOPK_MAX_K
 from tome_export.exporter.export_log import current
-from tome_export.exporter.lowering_ops import arange_rows, finish, interleave_slots, ints, no_merge, take
+from tome_export.exporter.lowering_ops import (
+    ab_counts,
+    arange_rows,
+    body_ab,
+    finish,
+    interleave_slots,
+    ints,
+    no_merge,
+    take,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,21 +92,22 @@ def merged_flags_rank(node_max, num_a: int, r: int):
     return op.Less(rank, op.Constant(value_int=r))
 
 
-def merge_dense(metric, x, size, r: int, protected: int):
+def merge_dense(metric, x, size, r: int, protected: int, b_first: bool = False):
     batch, num_tokens, channels = (int(d) for d in x.shape)
+    b_first = bool(b_first)
     if r == 0:
-        return no_merge(x, size, batch, num_tokens, protected)
+        return no_merge(x, size, batch, num_tokens, protected, b_first)
     cost = dense_cost(batch, num_tokens, channels, r, protected)
     current().notes.append(cost)
     log.info(cost["message"])
-    body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+    num_a, num_b = ab_counts(num_tokens - protected, b_first)
     kept = num_a - r
 
     # Matching, as scatter_lowering.match computes it up to the edge scores.
     body = take(metric, protected) if protected else metric
     body = op.Div(body, op.ReduceL2(body, ints(-1), keepdims=1))
-    scores = op.MatMul(take(body, 0, step=2), op.Transpose(take(body, 1, step=2), perm=[0, 2, 1]))
+    body_a, body_b = body_ab(body, 0, b_first)
+    scores = op.MatMul(body_a, op.Transpose(body_b, perm=[0, 2, 1]))
     node_max = op.ReduceMax(scores, ints(-1), keepdims=0)
     node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
     flags = merged_flags_topk if r < TOPK_LIMIT else merged_flags_rank
@@ -111,7 +121,7 @@ def merge_dense(metric, x, size, r: int, protected: int):
     body_x = take(x, protected) if protected else x
     body_size = take(size, protected) if protected else size
     z = op.Concat(op.Mul(body_x, body_size), body_size, axis=2)
-    za, zb = take(z, 0, step=2), take(z, 1, step=2)
+    za, zb = body_ab(z, 0, b_first)
     rows = op.Range(op.Constant(value_int=0), op.Constant(value_int=kept + num_b), op.Constant(value_int=1))
     assignment = op.CastLike(op.Equal(op.Unsqueeze(rows, ints(0, 2)), op.Unsqueeze(row, ints(1))), za)  # (B,K,Na)
     mixed = op.MatMul(assignment, za)  # (B, kept + Nb, C + 1)
@@ -123,5 +133,5 @@ def merge_dense(metric, x, size, r: int, protected: int):
 
     slot_a = op.Add(row, op.Constant(value_int=protected))
     slot_b = arange_rows(batch, protected + kept, num_b)
-    slot = interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+    slot = interleave_slots(slot_a, slot_b, batch, num_tokens, protected, b_first)
     return merged_x, merged_size, slot

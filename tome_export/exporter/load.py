@@ -8,6 +8,10 @@
   and its tensors raw bytes; the archive is checked first for the parts that
   ``torch.export.load`` would unpickle (tensor subclasses, script/opaque objects, legacy
   ``.pt`` members, sample inputs that need full unpickling), refused unless ``trust_pickle``.
+  Output containers of Hugging Face models (``ModelOutput`` classes) are imported from the
+  installed ``transformers`` so their pytree nodes deserialize; integer inputs get
+  declared input specs (token ids, masks) and every input its shape.
+- ``hf:PATH_OR_ID``: a Hugging Face transformers model (``hf_models.py``).
 """
 
 from __future__ import annotations
@@ -201,26 +205,85 @@ def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
         )
     from tome_export.merging import ops  # noqa: F401  (graphs may hold tome_export ops)
 
+    with zipfile.ZipFile(file) as archive:
+        _import_output_types(archive)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return torch.export.load(str(file))
+        except Exception as exc:
+            first = first_line(exc)
+            # torch.export.load puts the cause in a warning and says "check the warnings above".
+            causes = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+            if causes:
+                first = causes[-1][:300]
+            raise UserError(f"cannot load {path} with torch.export.load: {first}") from None
+
+
+# Output containers torch.export stores by type name; importing their module registers the
+# pytree node (only modules of these installed packages are imported, never from the file).
+OUTPUT_TYPE_PACKAGES = ("transformers.",)
+
+
+def _import_output_types(archive: zipfile.ZipFile) -> None:
+    import re
+
+    modules = set()
+    for name in archive.namelist():
+        if name.endswith("models/model.json") or (name.endswith(".json") and "/models/" in name):
+            text = archive.read(name).decode("utf-8", "ignore")
+            for dotted in set(re.findall(r"transformers\.[A-Za-z0-9_\.]+", text)):
+                module = dotted.rsplit(".", 1)[0]
+                if module.startswith(OUTPUT_TYPE_PACKAGES) and "output" in module:
+                    modules.add(module)
+    for module in sorted(modules):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UserError(f"this .pt2 archive returns {module} outputs: install transformers to load it") from None
+
+
+def _program_inputs(program: torch.export.ExportedProgram) -> list[torch.Tensor] | None:
+    specs = [s for s in program.graph_signature.input_specs if s.kind == s.kind.USER_INPUT]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    values = [nodes[s.arg.name].meta.get("val") if hasattr(s.arg, "name") else None for s in specs]
+    return values if all(isinstance(v, torch.Tensor) for v in values) else None
+
+
+def program_input_shapes(program: torch.export.ExportedProgram) -> list[tuple[int, ...]] | None:
+    """The static shapes of a program's tensor inputs (None if any is dynamic or not a tensor)."""
+    values = _program_inputs(program)
     try:
-        return torch.export.load(str(file))
-    except Exception as exc:
-        raise UserError(f"cannot load {path} with torch.export.load: {first_line(exc)}") from None
+        return [tuple(int(d) for d in v.shape) for v in values] if values else None
+    except TypeError:  # a dynamic dimension
+        return None
 
 
 def program_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ...] | None:
     """The static shape of a program's only tensor input, if it has exactly one."""
-    specs = [s for s in program.graph_signature.input_specs if s.kind == s.kind.USER_INPUT]
-    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    shapes = []
-    for spec in specs:
-        value = nodes[spec.arg.name].meta.get("val") if hasattr(spec.arg, "name") else None
-        if not isinstance(value, torch.Tensor):
-            return None
-        try:
-            shapes.append(tuple(int(d) for d in value.shape))
-        except TypeError:  # a dynamic dimension
-            return None
-    return shapes[0] if len(shapes) == 1 else None
+    shapes = program_input_shapes(program)
+    return shapes[0] if shapes and len(shapes) == 1 else None
+
+
+def program_input_specs(program: torch.export.ExportedProgram) -> list[dict | None]:
+    """``tome_input_specs`` for a program: integer inputs are token ids or masks.
+
+    The name decides: ``*mask*`` gets a padding mask, other integer inputs ids in [0, 2)
+    (valid for any vocabulary); float inputs random normal in their dtype."""
+    specs: list[dict | None] = []
+    names = [s.arg.name for s in program.graph_signature.input_specs if s.kind == s.kind.USER_INPUT]
+    for name, value in zip(names, _program_inputs(program) or []):
+        if value.dtype.is_floating_point:
+            specs.append(None if value.dtype == torch.float32 else {"dtype": str(value.dtype).split(".")[-1]})
+        elif "mask" in name and value.dim() == 2:
+            specs.append({"dtype": str(value.dtype).split(".")[-1], "padding": True})
+        elif value.dtype == torch.bool:
+            specs.append({"dtype": "bool", "value": True})
+        else:
+            specs.append({"dtype": str(value.dtype).split(".")[-1], "low": 0, "high": 2})
+    return specs
 
 
 def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -229,7 +292,19 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         if weights:
             raise UserError("--weights does not apply to a .pt2 archive: it carries its own weights")
         program = _from_pt2(spec, trust_pickle)
-        return LoadedModel(ExportedModule(program), Path(spec).stem, spec, program_input_shape(program), program)
+        module = ExportedModule(program)
+        module.tome_input_specs = program_input_specs(program)
+        shapes = program_input_shapes(program)
+        if shapes and len(shapes) > 1:
+            module.default_input_shapes = shapes
+        return LoadedModel(module, Path(spec).stem, spec, program_input_shape(program), program)
+    if spec.startswith("hf:"):
+        from tome_export.exporter.hf_models import load_hf
+
+        if weights:
+            raise UserError("--weights does not apply to hf:MODEL: the folder carries its own weights")
+        module, short = load_hf(spec[len("hf:") :])
+        return LoadedModel(module.eval(), short, spec, default_input_shape(module))
     if spec.startswith("timm:"):
         name = spec[len("timm:") :]
         module, short = _from_timm(name, weights), name

@@ -33,36 +33,47 @@ def along_channels(index, batch: int, count: int, channels: int):
     return op.Expand(op.Unsqueeze(index, ints(2)), ints(batch, count, channels))
 
 
-def interleave_slots(slot_a, slot_b, batch: int, num_tokens: int, protected: int):
+def body_ab(t, protected: int, b_first: bool = False):
+    """(A tokens, B tokens) of ``t`` after the protected prefix, as ``bipartite.split_ab``."""
+    body = take(t, protected) if protected else t
+    even, odd = take(body, 0, step=2), take(body, 1, step=2)
+    return (odd, even) if b_first else (even, odd)
+
+
+def ab_counts(body_tokens: int, b_first: bool = False) -> tuple[int, int]:
+    longer, shorter = (body_tokens + 1) // 2, body_tokens // 2
+    return (shorter, longer) if b_first else (longer, shorter)
+
+
+def interleave_slots(slot_a, slot_b, batch: int, num_tokens: int, protected: int, b_first: bool = False):
     """(B, Na) A-token and (B, Nb) B-token slots → the (B, N) slot map, protected first.
 
     Concat/Reshape/Slice only, so every lowering (dense included) can share it."""
     body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
-    if num_a > num_b:
-        slot_b = op.Concat(slot_b, op.Expand(op.Constant(value_int=0), ints(batch, 1)), axis=1)
+    first, second = (slot_b, slot_a) if b_first else (slot_a, slot_b)
+    num_first, num_second = (body_tokens + 1) // 2, body_tokens // 2
+    if num_first > num_second:
+        second = op.Concat(second, op.Expand(op.Constant(value_int=0), ints(batch, 1)), axis=1)
     interleaved = op.Reshape(
-        op.Concat(op.Unsqueeze(slot_a, ints(2)), op.Unsqueeze(slot_b, ints(2)), axis=2),
-        ints(batch, 2 * num_a),
+        op.Concat(op.Unsqueeze(first, ints(2)), op.Unsqueeze(second, ints(2)), axis=2),
+        ints(batch, 2 * num_first),
     )
     body = take(interleaved, 0, body_tokens)
     return op.Concat(arange_rows(batch, 0, protected), body, axis=1) if protected else body
 
 
-def no_merge(x, size, batch: int, num_tokens: int, protected: int):
+def no_merge(x, size, batch: int, num_tokens: int, protected: int, b_first: bool = False):
     """r = 0 as the eager op defines it: nothing merges, but tokens still come out in the
     merge layout (protected, A tokens, B tokens) and the slot map says so."""
-    body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+    num_a, num_b = ab_counts(num_tokens - protected, b_first)
 
     def reorder(t):
-        body = take(t, protected) if protected else t
         parts = [take(t, 0, protected)] if protected else []
-        return op.Concat(*parts, take(body, 0, step=2), take(body, 1, step=2), axis=1)
+        return op.Concat(*parts, *body_ab(t, protected, b_first), axis=1)
 
     slot_a = arange_rows(batch, protected, num_a)
     slot_b = arange_rows(batch, protected + num_a, num_b)
-    return reorder(x), reorder(size), interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+    return reorder(x), reorder(size), interleave_slots(slot_a, slot_b, batch, num_tokens, protected, b_first)
 
 
 def finish(merged, x, size, channels: int, protected: int):

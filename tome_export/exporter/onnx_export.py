@@ -39,8 +39,9 @@ class WithDecisions(nn.Module):
         self.model = model
 
     def forward(self, *args):
-        out = self.model(*args)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        from tome_export.outputs import flatten_outputs
+
+        outs = [t for _, t in flatten_outputs(self.model(*args))]  # ModelOutput, dicts, tuples: flat
         state = merge_state(self.model)
         return (*outs, *(state.slots if state is not None else []))
 
@@ -123,12 +124,13 @@ def export_onnx(
     ``program``: an ``ExportedProgram`` of ``WithDecisions(model)`` made elsewhere (Core ML
     lowers merges to dense ATen ops in torch first); default: torch.export of the model."""
     model.eval()
+    from tome_export.outputs import output_names as flat_output_names
+
     with torch.no_grad():
         reference = model(*example_inputs)
-    num_outputs = len(reference) if isinstance(reference, (tuple, list)) else 1
     state = merge_state(model)
     input_names = input_names_for(model, len(example_inputs))
-    output_names = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
+    output_names = flat_output_names(reference)  # field names kept (logits, last_hidden_state…)
     decision_names = decision_output_names(len(state.slots) if state is not None else 0)
     log = ExportLog()
     with _quiet(), recording(log):

@@ -6,7 +6,11 @@ Triton kernel implement it, and ``runtimes/ort_custom_ops.py`` implements it for
 - domain ``tome_export``, op_type ``BipartiteMerge``, opset version 1 of that domain;
 - inputs ``metric`` (B, N, D) float, ``x`` (B, N, C) float, ``size`` (B, N, 1) float;
 - outputs ``x_out`` (B, N-r, C) float, ``size_out`` (B, N-r, 1) float, ``slot`` (B, N) int64;
-- attributes ``r`` (int), ``protected`` (int), ``mode`` (string, ``"weighted_mean"``).
+- attributes ``r`` (int), ``protected`` (int), ``mode`` (string): ``"weighted_mean"``, or
+  ``"weighted_mean_b_first"`` when the body after the protected prefix alternates B, A (the
+  official ToMe split of a class-token model). A mode, not a new attribute, so nodes
+  written before keep their meaning and an implementation that knows only
+  ``weighted_mean`` refuses the other instead of computing the wrong split.
 
 Semantics: exactly ``tome_export.merging.bipartite.merge_tokens`` (documented in
 docs/lowerings.md).
@@ -105,11 +109,10 @@ _register_schema()
 plugin_opset = values.Opset(PLUGIN_DOMAIN, PLUGIN_VERSION)
 
 
-def merge_plugin(metric, x, size, r: int, protected: int):
+def merge_plugin(metric, x, size, r: int, protected: int, b_first: bool = False):
     """``tome_export::bipartite_merge`` → one ``tome_export.BipartiteMerge`` node."""
-    return plugin_opset.BipartiteMerge(
-        metric, x, size, r=int(r), protected=int(protected), mode=BIPARTITE_MODES[0], _outputs=3
-    )
+    mode = BIPARTITE_MODES[1] if b_first else BIPARTITE_MODES[0]
+    return plugin_opset.BipartiteMerge(metric, x, size, r=int(r), protected=int(protected), mode=mode, _outputs=3)
 
 
 def tomesd_merge_plugin(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed: int):

@@ -11,8 +11,10 @@ from __future__ import annotations
 from onnxscript import opset18 as op
 
 from tome_export.exporter.lowering_ops import (
+    ab_counts,
     along_channels,
     arange_rows,
+    body_ab,
     finish,
     interleave_slots,
     ints,
@@ -21,13 +23,13 @@ from tome_export.exporter.lowering_ops import (
 )
 
 
-def match(metric, r: int, protected: int):
+def match(metric, r: int, protected: int, b_first: bool = False):
     """Bipartite matching: (unm_idx, src_idx, dst_idx) with the eager tie-breaking."""
     batch, num_tokens, _ = (int(d) for d in metric.shape)
     body = take(metric, protected) if protected else metric
     body = op.Div(body, op.ReduceL2(body, ints(-1), keepdims=1))
-    a, b = take(body, 0, step=2), take(body, 1, step=2)
-    num_a = (num_tokens - protected + 1) // 2
+    a, b = body_ab(body, 0, b_first)
+    num_a, _ = ab_counts(num_tokens - protected, b_first)
     scores = op.MatMul(a, op.Transpose(b, perm=[0, 2, 1]))
     node_max = op.ReduceMax(scores, ints(-1), keepdims=0)
     node_idx = op.ArgMax(scores, axis=-1, keepdims=0)
@@ -38,10 +40,9 @@ def match(metric, r: int, protected: int):
     return unm_idx, src_idx, dst_idx
 
 
-def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protected: int, r: int):
+def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protected: int, r: int, b_first: bool = False):
     """Output slot of every input token (B, N) int64, as ``bipartite.slots`` computes it."""
-    body_tokens = num_tokens - protected
-    num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
+    num_a, num_b = ab_counts(num_tokens - protected, b_first)
     kept = num_a - r
     updates = op.Concat(
         arange_rows(batch, protected, kept),
@@ -55,19 +56,20 @@ def slots_graph(unm_idx, src_idx, dst_idx, batch: int, num_tokens: int, protecte
         axis=1,
     )
     slot_b = arange_rows(batch, protected + kept, num_b)
-    return interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
+    return interleave_slots(slot_a, slot_b, batch, num_tokens, protected, b_first)
 
 
-def merge_scatter(metric, x, size, r: int, protected: int):
+def merge_scatter(metric, x, size, r: int, protected: int, b_first: bool = False):
     batch, num_tokens, channels = (int(d) for d in x.shape)
+    b_first = bool(b_first)
     if r == 0:
-        return no_merge(x, size, batch, num_tokens, protected)
-    unm_idx, src_idx, dst_idx = match(metric, r, protected)
+        return no_merge(x, size, batch, num_tokens, protected, b_first)
+    unm_idx, src_idx, dst_idx = match(metric, r, protected, b_first)
     body_x = take(x, protected) if protected else x
     body_size = take(size, protected) if protected else size
     z = op.Concat(op.Mul(body_x, body_size), body_size, axis=2)
-    za, zb = take(z, 0, step=2), take(z, 1, step=2)
-    width, kept = channels + 1, (num_tokens - protected + 1) // 2 - r
+    za, zb = body_ab(z, 0, b_first)
+    width, kept = channels + 1, ab_counts(num_tokens - protected, b_first)[0] - r
     src = op.GatherElements(za, along_channels(src_idx, batch, r, width), axis=1)
     unm = op.GatherElements(za, along_channels(unm_idx, batch, kept, width), axis=1)
     # ScatterND over whole rows: same sums as ScatterElements(add) on every element, but
@@ -81,5 +83,5 @@ def merge_scatter(metric, x, size, r: int, protected: int):
     rows = op.Concat(op.Unsqueeze(batch_idx, ints(2)), op.Unsqueeze(dst_idx, ints(2)), axis=2)  # (B, r, 2)
     dst = op.ScatterND(zb, rows, src, reduction="add")
     merged_x, merged_size = finish(op.Concat(unm, dst, axis=1), x, size, channels, protected)
-    slot = slots_graph(unm_idx, src_idx, dst_idx, batch, num_tokens, protected, r)
+    slot = slots_graph(unm_idx, src_idx, dst_idx, batch, num_tokens, protected, r, b_first)
     return merged_x, merged_size, slot

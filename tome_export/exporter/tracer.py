@@ -130,10 +130,38 @@ def _unstable_sort(graph: fx.Graph, node: fx.Node) -> dict | None:
     }
 
 
-# ATen overload → its rewriter, in the order the rewriters run (merge arithmetic, then sorts).
+def _masked_sdpa(graph: fx.Graph, node: fx.Node) -> dict | None:
+    """An SDPA with an explicit mask (relative position bias, padding) → its math.
+
+    torch.onnx decomposes a masked SDPA with strides that the following reshape cannot
+    view (BEiT, HF models with padding masks fail to export); softmax(q·kᵀ·scale + mask)·v
+    is what SDPA computes."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    call = {**dict(zip(names, node.args)), **node.kwargs}
+    mask = call.get("attn_mask")
+    if not isinstance(mask, fx.Node) or call.get("dropout_p") or call.get("is_causal") or call.get("enable_gqa"):
+        return None
+    q, k, v = call["query"], call["key"], call["value"]
+    scale = call.get("scale") or q.meta["val"].shape[-1] ** -0.5
+    with graph.inserting_before(node):
+        logits = _emit(graph, node, aten.matmul.default, q, _emit(graph, node, aten.transpose.int, k, -2, -1))
+        logits = _emit(graph, node, aten.mul.Tensor, logits, scale)
+        if mask.meta["val"].dtype == torch.bool:  # True = may attend
+            zero = _emit(graph, node, aten.scalar_tensor.default, 0.0)
+            blocked = _emit(graph, node, aten.scalar_tensor.default, -math.inf)
+            mask = _emit(graph, node, aten.where.self, mask, zero, blocked)
+        logits = _emit(graph, node, aten.add.Tensor, logits, mask)
+        out = _emit(graph, node, aten.matmul.default, _emit(graph, node, aten.softmax.int, logits, -1), v)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+    return {"op": "aten.scaled_dot_product_attention", "became": "softmax(q·kᵀ·scale + mask)·v"}
+
+
+# ATen overload → its rewriter, in the order the rewriters run (merge arithmetic, sorts, masked SDPA).
 REWRITERS: dict[object, Rewriter] = {
     aten.scatter_reduce.two: _scatter_reduce,
     **{t: _unstable_sort for t in (aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable)},
+    aten.scaled_dot_product_attention.default: _masked_sdpa,
 }
 
 

@@ -2,9 +2,21 @@
 
 Layout convention used everywhere in tome-export: the first ``protected`` tokens
 (class, distillation, register tokens) pass through untouched; the remaining tokens
-alternate A, B, A, B…  Each A token proposes its most similar B token (cosine of the
-metric); the ``r`` strongest proposals merge (size-weighted average into the B token).
-Output order: protected tokens, unmerged A tokens in their original order, B tokens.
+(the body) alternate A, B, A, B… — or B, A, B, A… with ``b_first``. Each A token proposes
+its most similar B token (cosine of the metric); the ``r`` strongest proposals merge
+(size-weighted average into the B token). Output order: protected tokens, unmerged A
+tokens in their original order, B tokens.
+
+Two splits of facebookresearch/ToMe's ``bipartite_soft_matching`` are expressed this way
+(see :func:`split_for`): the official one alternates A/B over *all* tokens with the class
+token at A[0] (kept out by a -inf score row) and a distillation token at B[0] (never a
+destination: -inf column). With a class token only, that is ``protected=1, b_first=True``
+(the body starts with a B token); with class and distillation tokens, ``protected=2``.
+Without a class token the official code leaves unmerged tokens in score order, which
+changes the next layer's split; tome-export does not implement that (use "prefix",
+which keeps them in position order). The "prefix" split (``b_first=False`` always) strips all
+protected tokens — class, distillation *and register* tokens — then alternates A, B;
+the official code has no answer for register tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +35,40 @@ class MergeDecision:
     dst_idx: torch.Tensor  # (B, r) B position each one merges into
     protected: int
     num_tokens: int
+    b_first: bool = False
+
+
+SPLITS = ("official", "prefix")
+
+
+def split_for(split: str, class_token: bool, distill_token: bool, registers: int) -> tuple[int, bool]:
+    """(protected, b_first) of a split for a model's prefix tokens (class, distillation, registers).
+
+    Raises ValueError for "official" unless the prefix is a class token, optionally followed
+    by a distillation token (see the module doc)."""
+    protected = int(class_token) + int(distill_token) + registers
+    if split == "prefix":
+        return protected, False
+    if split != "official":
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if registers or not class_token:
+        raise ValueError("the official ToMe split is implemented for class (+ distillation) tokens only")
+    # Class token alone: it sits at A[0] of the all-token alternation, so the body
+    # (everything after it) starts with B. Class + distillation: both sit at index 0 of
+    # A and B, the body starts with A again.
+    return protected, class_token and not distill_token
+
+
+def ab_counts(body_tokens: int, b_first: bool = False) -> tuple[int, int]:
+    """(number of A tokens, number of B tokens) in a body of ``body_tokens``."""
+    longer, shorter = (body_tokens + 1) // 2, body_tokens // 2
+    return (shorter, longer) if b_first else (longer, shorter)
+
+
+def split_ab(body: torch.Tensor, b_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A tokens, B tokens) of ``body`` (B, N, C) along dim 1."""
+    even, odd = body[:, 0::2], body[:, 1::2]
+    return (odd, even) if b_first else (even, odd)
 
 
 def max_r(num_tokens: int, protected: int) -> int:
@@ -30,7 +76,7 @@ def max_r(num_tokens: int, protected: int) -> int:
     return max(0, (num_tokens - protected) // 2)
 
 
-def match(metric: torch.Tensor, r: int, protected: int = 0) -> MergeDecision:
+def match(metric: torch.Tensor, r: int, protected: int = 0, b_first: bool = False) -> MergeDecision:
     """Bipartite soft matching on ``metric`` (B, N, D); ``r`` must be ≤ max_r."""
     batch, num_tokens, _ = metric.shape
     if not 0 <= r <= max_r(num_tokens, protected):
@@ -38,7 +84,7 @@ def match(metric: torch.Tensor, r: int, protected: int = 0) -> MergeDecision:
     with torch.no_grad():
         body = metric[:, protected:]
         body = body / body.norm(dim=-1, keepdim=True)
-        a, b = body[:, 0::2], body[:, 1::2]
+        a, b = split_ab(body, b_first)
         scores = a @ b.transpose(-1, -2)
         node_max, node_idx = scores.max(dim=-1)
         # Stable descending sort = TopK's documented tie-break (lower index first),
@@ -47,7 +93,7 @@ def match(metric: torch.Tensor, r: int, protected: int = 0) -> MergeDecision:
         src_idx = edge_idx[:, :r]
         unm_idx = torch.sort(edge_idx[:, r:], dim=-1).values
         dst_idx = node_idx.gather(-1, src_idx)
-    return MergeDecision(unm_idx, src_idx, dst_idx, protected, num_tokens)
+    return MergeDecision(unm_idx, src_idx, dst_idx, protected, num_tokens, b_first)
 
 
 def merge_weighted(decision: MergeDecision, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +102,7 @@ def merge_weighted(decision: MergeDecision, x: torch.Tensor, size: torch.Tensor)
     channels = x.shape[-1]
     # One gather/scatter moves weighted values and sizes together.
     z = torch.cat([x[:, p:] * size[:, p:], size[:, p:]], dim=-1)
-    za, zb = z[:, 0::2], z[:, 1::2]
+    za, zb = split_ab(z, decision.b_first)
 
     def take(idx: torch.Tensor) -> torch.Tensor:
         return za.gather(1, idx[..., None].expand(-1, -1, za.shape[-1]))
@@ -75,15 +121,17 @@ def slots(decision: MergeDecision) -> torch.Tensor:
     """Output position of every input token, (B, N) int64 — the merge decision as data."""
     p, n = decision.protected, decision.num_tokens
     batch, kept = decision.unm_idx.shape
-    r = decision.src_idx.shape[1]
-    num_a, num_b = kept + r, (n - p) // 2
+    num_a, num_b = ab_counts(n - p, decision.b_first)
     dev = decision.unm_idx.device
     slot_a = torch.empty(batch, num_a, dtype=torch.int64, device=dev)
     slot_a.scatter_(1, decision.unm_idx, p + torch.arange(kept, device=dev).expand(batch, kept))
     slot_a.scatter_(1, decision.src_idx, p + kept + decision.dst_idx)
     slot_b = (p + kept + torch.arange(num_b, device=dev)).expand(batch, num_b)
     body = torch.empty(batch, n - p, dtype=torch.int64, device=dev)
-    body[:, 0::2], body[:, 1::2] = slot_a, slot_b
+    if decision.b_first:
+        body[:, 0::2], body[:, 1::2] = slot_b, slot_a
+    else:
+        body[:, 0::2], body[:, 1::2] = slot_a, slot_b
     return torch.cat([torch.arange(p, device=dev).expand(batch, p), body], dim=1)
 
 
@@ -93,9 +141,9 @@ def unmerge(merged: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tokens(
-    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int
+    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int, b_first: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Match and merge in one call: (x, size, slot). What the custom op computes."""
-    decision = match(metric, r, protected)
+    decision = match(metric, r, protected, b_first)
     merged_x, merged_size = merge_weighted(decision, x, size)
     return merged_x, merged_size, slots(decision)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tome_export.merging.bipartite import max_r
+from tome_export.merging.bipartite import max_r, split_ab
 
 
 def _ranks_descending(values: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def _ranks_descending(values: torch.Tensor) -> torch.Tensor:
 
 
 def merge_tokens_dense(
-    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int
+    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int, b_first: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense equivalent of ``merge_tokens``: returns (x, size, slot)."""
     batch, num_tokens, channels = x.shape
@@ -39,7 +39,7 @@ def merge_tokens_dense(
         raise ValueError(f"r={r} outside [0, {max_r(num_tokens, p)}] for N={num_tokens}")
     body = metric[:, p:]
     body = body / body.norm(dim=-1, keepdim=True)
-    a, b = body[:, 0::2], body[:, 1::2]
+    a, b = split_ab(body, b_first)
     num_a, num_b = a.shape[1], b.shape[1]
     kept = num_a - r
     scores = a @ b.transpose(-1, -2)
@@ -54,16 +54,17 @@ def merge_tokens_dense(
     dst_onehot = torch.logical_and(is_src[:, None, :], node_idx[:, None, :] == dst_rows[None, :, None]).to(x.dtype)
 
     z = torch.cat([x[:, p:] * size[:, p:], size[:, p:]], dim=-1)
-    za, zb = z[:, 0::2], z[:, 1::2]
+    za, zb = split_ab(z, b_first)
     merged = torch.cat([keep_onehot @ za, zb + dst_onehot @ za], dim=1)
     merged_size = merged[..., channels:]
     merged_x = merged[..., :channels] / merged_size
 
     slot_a = torch.where(is_src, p + kept + node_idx, p + kept_pos)
     slot_b = (p + kept + dst_rows).expand(batch, num_b)
-    if num_a > num_b:  # odd body: A has one more token; pad B, interleave, cut
-        slot_b = torch.cat([slot_b, slot_b[:, :1]], dim=1)
-    body_slot = torch.stack([slot_a, slot_b], dim=-1).reshape(batch, 2 * num_a)[:, : num_tokens - p]
+    first, second = (slot_b, slot_a) if b_first else (slot_a, slot_b)
+    if first.shape[1] > second.shape[1]:  # odd body: one more leading token; pad, interleave, cut
+        second = torch.cat([second, second[:, :1]], dim=1)
+    body_slot = torch.stack([first, second], dim=-1).reshape(batch, 2 * first.shape[1])[:, : num_tokens - p]
     protected_slot = torch.arange(p, device=x.device).expand(batch, p)
     return (
         torch.cat([x[:, :p], merged_x], dim=1),

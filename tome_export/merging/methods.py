@@ -48,14 +48,15 @@ def _apply_none(model: nn.Module, **options) -> nn.Module:
 def _tome_options(options: ExportOptions) -> tuple[str, dict]:
     if options.r is not None and options.schedule:
         raise UserError("give --r or --schedule, not both")
+    split = {"split": options.split} if options.split else {}
     if options.schedule:
-        return "tome", {"schedule": schedules.parse(options.schedule), "prop_attn": options.prop_attn}
+        return "tome", {"schedule": schedules.parse(options.schedule), "prop_attn": options.prop_attn, **split}
     r = DEFAULT_R if options.r is None else options.r
     if r < 0:
         raise UserError(f"--r must be ≥ 0, got {r}")
     if r == 0:
         return "none", {}  # the unmerged baseline
-    return "tome", {"r": r, "prop_attn": options.prop_attn}
+    return "tome", {"r": r, "prop_attn": options.prop_attn, **split}
 
 
 def _tomesd_options(options: ExportOptions) -> tuple[str, dict]:

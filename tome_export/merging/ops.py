@@ -16,20 +16,23 @@ OP_NAMESPACE = "tome_export"
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::bipartite_merge", mutates_args=())
 def bipartite_merge(
-    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int
+    metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int, protected: int, b_first: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ToMe merge of ``x``/``size`` by similarity of ``metric``; returns (x, size, slot)."""
+    """ToMe merge of ``x``/``size`` by similarity of ``metric``; returns (x, size, slot).
+
+    ``b_first``: the body after the ``protected`` prefix alternates B, A (the official
+    ToMe split of a class-token model, see ``bipartite.split_for``)."""
     forced = pinning.active()
     if forced is not None:
         # Decision-pinned verification: merge as the backend decided (see pinning.py).
-        decision = forced.next(metric, r, protected)
+        decision = forced.next(metric, r, protected, b_first)
         merged_x, merged_size = bipartite.merge_weighted(decision, x, size)
         return merged_x, merged_size, bipartite.slots(decision)
-    return bipartite.merge_tokens(metric, x, size, r, protected)
+    return bipartite.merge_tokens(metric, x, size, r, protected, b_first)
 
 
 @bipartite_merge.register_fake
-def _bipartite_merge_fake(metric, x, size, r, protected):
+def _bipartite_merge_fake(metric, x, size, r, protected, b_first=False):
     batch, num_tokens, channels = x.shape
     out = num_tokens - r
     return (

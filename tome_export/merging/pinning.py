@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tome_export.merging.bipartite import MergeDecision
+from tome_export.merging.bipartite import MergeDecision, ab_counts, split_ab
 
 
-def decision_from_slots(slot: torch.Tensor, r: int, protected: int) -> MergeDecision:
+def decision_from_slots(slot: torch.Tensor, r: int, protected: int, b_first: bool = False) -> MergeDecision:
     """Rebuild a :class:`MergeDecision` from a (B, N) slot map (``bipartite.slots``' inverse).
 
     ``src_idx`` comes back in ascending A order (eager orders it by score); that only
@@ -33,11 +33,12 @@ def decision_from_slots(slot: torch.Tensor, r: int, protected: int) -> MergeDeci
     slot = torch.as_tensor(slot, dtype=torch.int64)
     batch, num_tokens = slot.shape
     p = protected
-    num_a, num_b = (num_tokens - p + 1) // 2, (num_tokens - p) // 2
+    num_a, num_b = ab_counts(num_tokens - p, b_first)
     kept = num_a - r
     if not 0 <= r <= min(num_a, num_b):
         raise ValueError(f"r={r} impossible for {num_tokens} tokens with {p} protected")
-    slot_a = slot[:, p:][:, 0::2]
+    slot_a, slot_b = split_ab(slot[:, p:, None], b_first)
+    slot_a, slot_b = slot_a[..., 0], slot_b[..., 0]
     is_kept = slot_a < p + kept
     if not (is_kept.sum(dim=1) == kept).all():
         raise ValueError(f"slot map keeps the wrong number of A tokens (want {kept} of {num_a})")
@@ -47,7 +48,7 @@ def decision_from_slots(slot: torch.Tensor, r: int, protected: int) -> MergeDeci
     dst_idx = slot_a.gather(1, src_idx) - (p + kept)
     expected_kept_slots = p + torch.arange(kept).expand(batch, kept)
     protected_ok = (slot[:, :p] == torch.arange(p)).all()
-    b_ok = (slot[:, p:][:, 1::2] == p + kept + torch.arange(num_b)).all()
+    b_ok = (slot_b == p + kept + torch.arange(num_b)).all()
     if not (
         protected_ok
         and b_ok
@@ -55,7 +56,7 @@ def decision_from_slots(slot: torch.Tensor, r: int, protected: int) -> MergeDeci
         and ((dst_idx >= 0) & (dst_idx < num_b)).all()
     ):
         raise ValueError("slot map is not a merge decision in the tome-export layout")
-    return MergeDecision(unm_idx, src_idx, dst_idx, protected, num_tokens)
+    return MergeDecision(unm_idx, src_idx, dst_idx, protected, num_tokens, b_first)
 
 
 def tie_gap(metric: torch.Tensor, decision: MergeDecision) -> float:
@@ -70,7 +71,8 @@ def tie_gap(metric: torch.Tensor, decision: MergeDecision) -> float:
     with torch.no_grad():
         body = metric[:, decision.protected :].float()
         body = body / body.norm(dim=-1, keepdim=True)
-        scores = body[:, 0::2] @ body[:, 1::2].transpose(-1, -2)
+        a, b = split_ab(body, decision.b_first)
+        scores = a @ b.transpose(-1, -2)
         node_max = scores.max(dim=-1).values
         chosen = scores.gather(1, decision.src_idx[..., None].expand(-1, -1, scores.shape[-1]))
         chosen = chosen.gather(2, decision.dst_idx[..., None])[..., 0]
@@ -98,9 +100,9 @@ class ForcedDecisions:
         self.used += 1
         return self.slot_maps[self.used - 1]
 
-    def next(self, metric: torch.Tensor, r: int, protected: int) -> MergeDecision:
+    def next(self, metric: torch.Tensor, r: int, protected: int, b_first: bool = False) -> MergeDecision:
         slot = self.next_slot_map()
-        decision = decision_from_slots(slot, r, protected)
+        decision = decision_from_slots(slot, r, protected, b_first)
         self.tie_gaps.append(tie_gap(metric, decision))
         return decision
 

@@ -36,24 +36,33 @@ def _ranked(node_max: np.ndarray, node_idx: np.ndarray, r: int) -> tuple[np.ndar
     return unm_idx, src_idx, dst_idx
 
 
+def _split_ab(body: np.ndarray, b_first: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A and B tokens alternate along axis 1; ``b_first``: the body starts with a B token."""
+    even, odd = body[:, 0::2], body[:, 1::2]
+    return (odd, even) if b_first else (even, odd)
+
+
 def bipartite_merge(
-    metric: np.ndarray, x: np.ndarray, size: np.ndarray, r: int, protected: int
+    metric: np.ndarray, x: np.ndarray, size: np.ndarray, r: int, protected: int, b_first: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x_out (B, N-r, C), size_out (B, N-r, 1), slot (B, N) int64) — ToMe bipartite soft matching."""
+    """(x_out (B, N-r, C), size_out (B, N-r, 1), slot (B, N) int64) — ToMe bipartite soft matching.
+
+    ``b_first``: the official ToMe split (the body after the class token starts with a B token)."""
     batch, num_tokens, _ = metric.shape
     p, r = int(protected), int(r)
     if not 0 <= p <= num_tokens or not 0 <= r <= max(0, (num_tokens - p) // 2):
         raise ValueError(f"r={r}, protected={p} out of range for {num_tokens} tokens")
     body = metric[:, p:]
     body = body / _norm(body)
-    a, b = body[:, 0::2], body[:, 1::2]
+    a, b = _split_ab(body, b_first)
     scores = a @ np.swapaxes(b, -1, -2)
     node_max, node_idx = _best(scores)
     unm_idx, src_idx, dst_idx = _ranked(node_max, node_idx, r)
 
     channels = x.shape[-1]
     z = np.concatenate([x[:, p:] * size[:, p:], size[:, p:]], axis=-1)
-    za, zb = z[:, 0::2], z[:, 1::2].copy()
+    za, zb = _split_ab(z, b_first)
+    zb = zb.copy()
     for i in range(batch):
         np.add.at(zb[i], dst_idx[i], za[i, src_idx[i]])
     merged = np.concatenate([np.take_along_axis(za, unm_idx[..., None], axis=1), zb], axis=1)
@@ -65,8 +74,11 @@ def bipartite_merge(
     np.put_along_axis(slot_a, unm_idx, p + np.arange(kept)[None].repeat(batch, 0), axis=1)
     np.put_along_axis(slot_a, src_idx, p + kept + dst_idx, axis=1)
     body_slot = np.empty((batch, num_tokens - p), dtype=np.int64)
-    body_slot[:, 0::2] = slot_a
-    body_slot[:, 1::2] = p + kept + np.arange(num_b)
+    slot_b = p + kept + np.arange(num_b)
+    if b_first:
+        body_slot[:, 0::2], body_slot[:, 1::2] = slot_b, slot_a
+    else:
+        body_slot[:, 0::2], body_slot[:, 1::2] = slot_a, slot_b
     slot = np.concatenate([np.broadcast_to(np.arange(p), (batch, p)), body_slot], axis=1)
     out_x = np.concatenate([x[:, :p], merged_x], axis=1).astype(x.dtype, copy=False)
     out_size = np.concatenate([size[:, :p], merged_size], axis=1).astype(size.dtype, copy=False)

@@ -21,12 +21,17 @@ from tome_export.runtimes.merge_numpy import bipartite_merge, tomesd_merge
 
 
 def bipartite_merge_numpy(
-    metric: np.ndarray, x: np.ndarray, size: np.ndarray, r: int, protected: int, mode: str = "weighted_mean"
+    metric: np.ndarray,
+    x: np.ndarray,
+    size: np.ndarray,
+    r: int,
+    protected: int,
+    mode: str = "weighted_mean",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The BipartiteMerge node: exactly ``bipartite.merge_tokens``, in numpy."""
     if mode not in PLUGIN_MODES:
         raise ValueError(f"{PLUGIN_OP_TYPE}: mode {mode!r} is not one of {PLUGIN_MODES}")
-    return bipartite_merge(metric, x, size, r, protected)
+    return bipartite_merge(metric, x, size, r, protected, b_first=mode.endswith("_b_first"))
 
 
 def tomesd_merge_numpy(
@@ -53,7 +58,11 @@ def custom_ops_library() -> str:
         op_type=f"{PLUGIN_DOMAIN}::{PLUGIN_OP_TYPE}",
         inputs=[PyCustomOpDef.dt_float] * 3,
         outputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64],
-        attrs={"r": PyCustomOpDef.dt_int64, "protected": PyCustomOpDef.dt_int64, "mode": PyCustomOpDef.dt_string},
+        attrs={
+            "r": PyCustomOpDef.dt_int64,
+            "protected": PyCustomOpDef.dt_int64,
+            "mode": PyCustomOpDef.dt_string,
+        },
     )(bipartite_merge_numpy)
     onnx_op(
         op_type=f"{PLUGIN_DOMAIN}::{TOMESD_OP_TYPE}",
