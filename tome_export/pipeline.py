@@ -62,6 +62,7 @@ class ExportOptions:
     num_steps: int | None = None  # tdtm: total denoising steps (default DEFAULT_NUM_STEPS)
     dynamic_loading: bool = False
     memory_budget: str | None = None  # e.g. "512MB"; default: the device profile's
+    external_data_threshold: int | None = None  # weights bytes over which they go to model.onnx.data (None: ~1.8 GB)
 
 
 def parse_input_shape(text: str) -> list[tuple[int, ...]]:

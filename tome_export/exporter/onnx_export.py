@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import logging
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 import torch
@@ -49,6 +51,9 @@ class OnnxExport:
     rewrites: list[dict] = field(default_factory=list)
     lowering_notes: list[dict] = field(default_factory=list)  # e.g. the dense lowering's cost per merge
     custom_domains: list[str] = field(default_factory=list)  # non-ONNX domains the graph needs a runtime for
+    # Set when the weights went to an external file (graph_passes.external_data): its path.
+    # Both protos then reference it by name and must be saved (or run) next to it.
+    external_data: Path | None = None
 
 
 def input_names_for(model: nn.Module, count: int) -> list[str]:
@@ -108,8 +113,16 @@ def export_onnx(
     example_inputs: tuple[torch.Tensor, ...],
     lowering: str = "scatter",
     opset: int = DEFAULT_OPSET,
+    external_data: Path | None = None,
+    external_threshold: int | None = None,
 ) -> OnnxExport:
-    """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked."""
+    """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked.
+
+    ``external_data``: when the weights exceed ``external_threshold`` bytes (default
+    ``EXTERNAL_DATA_THRESHOLD``, under protobuf's 2 GB), stream them to that file instead
+    of the proto (see ``graph_passes.external_data``)."""
+    from tome_export.graph_passes.external_data import EXTERNAL_DATA_THRESHOLD, externalize, ir_initializer_bytes
+
     model.eval()
     with torch.no_grad():
         reference = model(*example_inputs)
@@ -136,7 +149,17 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    full = program.model_proto
+    del exported_program
+    threshold = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    if external_data is not None and ir_initializer_bytes(program.model) > threshold:
+        externalize(program.model, Path(external_data))
+    else:
+        external_data = None
+    import onnx_ir as ir
+
+    full = ir.serde.serialize_model(program.model)
+    del program
+    gc.collect()
     from tome_export.graph_passes import drop_outputs
 
     shipped = drop_outputs(full, set(decision_names)) if decision_names else full
@@ -149,4 +172,5 @@ def export_onnx(
         rewrites=tracer_rewrites + list(aten_fixes.REWRITES[start:]),
         lowering_notes=list(lowerings.LOWERING_NOTES[notes_start:]),
         custom_domains=sorted({o.domain for o in shipped.opset_import} & set(get_lowering(lowering).custom_domains)),
+        external_data=Path(external_data) if external_data is not None else None,
     )

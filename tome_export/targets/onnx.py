@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import onnx
 
 from tome_export.targets import ExportContext, Target, register_target
+from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 from tome_export.targets.common import verify_against_eager
 
 
@@ -26,9 +28,30 @@ def _io_spec(graph_values, names: list[str]) -> list[dict]:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Saves with external data past protobuf's 2 GB limit."""
-    large = model.ByteSize() > 1_800_000_000
+    """Saves the graph; a graph whose weights are external already (``export_onnx`` with
+    ``external_data``) is small and must sit next to its weights file."""
+    from tome_export.graph_passes.external_data import EXTERNAL_DATA_THRESHOLD, uses_external_data
+
+    if uses_external_data(model):
+        onnx.save_model(model, str(path))
+        return
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
+
+
+def _verification_runner(ctx: ExportContext, exported, make_runner, providers, filename: str):
+    """The runner verification uses. A graph with external weights runs from a file next
+    to them (ONNX Runtime resolves external data relative to the graph's path); that file
+    is removed once the session holds the weights."""
+    if exported.external_data is None:
+        model = exported.with_decisions
+        return make_runner(model) if make_runner else OnnxRuntimeRunner(model, providers=tuple(providers))
+    path = ctx.bundle_dir / f".verify-{filename}"
+    onnx.save_model(exported.with_decisions, str(path))
+    try:
+        return make_runner(str(path)) if make_runner else OnnxRuntimeRunner(str(path), providers=tuple(providers))
+    finally:
+        path.unlink()
 
 
 def export_and_verify_onnx(
@@ -37,14 +60,22 @@ def export_and_verify_onnx(
     providers=("CPUExecutionProvider",),
     make_runner=None,
     runtime: str = "onnxruntime",
+    external_data: bool = True,
 ):
-    """Export with the context's lowering, save, verify on ONNX Runtime; fills the manifest."""
-    from tome_export.exporter.onnx_export import export_onnx
-    from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
+    """Export with the context's lowering, save, verify on ONNX Runtime; fills the manifest.
 
+    ``external_data``: weights over the threshold go to ``{filename}.data`` beside the graph
+    (False for callers that store weights themselves, e.g. TDTM's shared weights file)."""
+    from tome_export.exporter.onnx_export import export_onnx
+
+    weights = ctx.bundle_dir / f"{filename}.data" if external_data else None
+    threshold = getattr(ctx.options, "external_data_threshold", None)
     with ctx.progress.step(f"exporting to ONNX (lowering {ctx.lowering}, opset {ctx.options.opset})"):
-        exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
+        exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset, weights, threshold)
     save_onnx(exported.model, ctx.bundle_dir / filename)
+    if exported.external_data is not None:
+        ctx.manifest["external_data"] = exported.external_data.name
+        ctx.progress.say(f"weights in {exported.external_data.name} (external data: over the threshold for one proto)")
     for rewrite in exported.rewrites:
         ctx.progress.say(f"rewrote {rewrite.get('node', rewrite['op'])} ({rewrite['op']}) → {rewrite['became']}")
     graph = exported.model.graph
@@ -65,12 +96,10 @@ def export_and_verify_onnx(
     if not ctx.options.verify:
         ctx.manifest["verification"] = {"skipped": True}
         return exported
-    runner = (
-        make_runner(exported.with_decisions)
-        if make_runner
-        else OnnxRuntimeRunner(exported.with_decisions, providers=tuple(providers))
-    )
+    runner = _verification_runner(ctx, exported, make_runner, providers, filename)
     verify_against_eager(ctx, runner.run, exported.input_names, exported.output_names, exported.decision_names, runtime)
+    del runner  # an SD-size session holds GBs
+    gc.collect()
     return exported
 
 
