@@ -59,9 +59,8 @@ def test_unet_bundle_with_external_weights_end_to_end(tmp_path):
     assert manifest["dynamic_loading"]["verification"]["identical"]
     assert json.loads((out / "manifest.json").read_text())["artifacts"]["model.onnx.data"]["bytes"] > 1_000_000
 
-    from samples.tiny_unet import tiny_unet
-
     import tome_export
+    from samples.tiny_unet import tiny_unet
 
     eager = tome_export.apply(tiny_unet(), method="tomesd", ratio=0.5)
     inputs = make_inputs(eager, eager.default_input_shapes, 7)

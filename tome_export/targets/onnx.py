@@ -7,8 +7,8 @@ from pathlib import Path
 
 import onnx
 
-from tome_export.targets import ExportContext, Target, register_target
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
+from tome_export.targets import ExportContext, Target, register_target
 from tome_export.targets.common import verify_against_eager
 
 

@@ -120,11 +120,12 @@ def add_dynamic_loading(ctx: ExportContext, budget_bytes: int) -> None:
         with ctx.progress.step(f"splitting {artifact} into blocks for a {format_bytes(budget_bytes)} budget"):
             plan = split_model(model, budget_bytes)
             entries = write_blocks(plan, bundle / BLOCKS_DIR, prefix, weight_files, relative_to=bundle)
-        sections[variant] = (model, plan, entries)
+        sections[variant] = (artifact, plan, entries)
+        del model  # weights of an SD-size graph: GBs
     for _, _, entries in sections.values():
         for entry in entries:
             entry["sha256"] = {f: sha256_file(bundle / f) for f in (entry["artifact"], entry["weights"])}
-    for variant, (model, plan, entries) in sections.items():
+    for variant, (artifact, plan, entries) in sections.items():
         section = {
             "budget_bytes": budget_bytes,
             "inputs": plan.inputs,
