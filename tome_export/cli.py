@@ -64,7 +64,11 @@ def main() -> None:
 @click.option("--ratio", type=float, default=None, help="tomesd: fraction of tokens merged (default 0.5).")
 @click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
 @click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
-@click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
+@click.option(
+    "--max-downsample", type=int, default=1, show_default=True, help="tomesd/todo: patch blocks up to this downsampling."
+)
+@click.option("--downsample", type=float, default=None, help="todo: key/value downsampling factor per side (default 2).")
+@click.option("--component", default=None, help="MODEL is a diffusers pipeline folder: its component (default unet).")
 @click.option(
     "--protected",
     type=click.IntRange(0),
@@ -102,6 +106,8 @@ def export_command(
     sx,
     sy,
     max_downsample,
+    downsample,
+    component,
     protected,
     merge_steps,
     num_steps,
@@ -139,6 +145,8 @@ def export_command(
         sx=sx,
         sy=sy,
         max_downsample=max_downsample,
+        downsample=downsample,
+        component=component,
         protected=protected,
         merge_steps=merge_steps,
         num_steps=num_steps,

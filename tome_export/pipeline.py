@@ -57,6 +57,8 @@ class ExportOptions:
     sx: int = 2
     sy: int = 2
     max_downsample: int = 1
+    downsample: float | None = None  # todo: key/value downsampling factor per side (default 2)
+    component: str | None = None  # a diffusers pipeline folder as MODEL: which component (default unet)
     protected: int | None = None  # graph-level insertion: prefix tokens never merged (None: detect)
     merge_steps: int | None = None  # tdtm: denoising steps that use the merged graph
     num_steps: int | None = None  # tdtm: total denoising steps (default DEFAULT_NUM_STEPS)
@@ -94,6 +96,16 @@ def _tomesd_options(options: ExportOptions) -> tuple[str, dict]:
     return "tomesd", opts
 
 
+def _todo_options(options: ExportOptions) -> tuple[str, dict]:
+    from tome_export.merging.todo import check_todo_options
+
+    if options.r is not None or options.schedule or options.ratio is not None:
+        raise UserError("method 'todo' takes --downsample (key/value factor per side), not --r/--schedule/--ratio")
+    factor = 2.0 if options.downsample is None else options.downsample
+    check_todo_options(factor, options.max_downsample)  # before loading the model
+    return "todo", {"downsample": factor, "max_downsample": options.max_downsample}
+
+
 def _tdtm_options(options: ExportOptions) -> tuple[str, dict]:
     if options.r is not None or options.schedule or options.ratio is not None:
         raise UserError("method 'tdtm' takes --merge-steps (and --num-steps), not --r/--schedule/--ratio")
@@ -123,7 +135,12 @@ def _no_options(options: ExportOptions) -> tuple[str, dict]:
 
 
 # Each method turns the CLI's options into its own apply() options (and checks them).
-METHOD_OPTION_PARSERS = {"tome": _tome_options, "tomesd": _tomesd_options, "tdtm": _tdtm_options}
+METHOD_OPTION_PARSERS = {
+    "tome": _tome_options,
+    "tomesd": _tomesd_options,
+    "tdtm": _tdtm_options,
+    "todo": _todo_options,
+}
 
 
 def _method_options(options: ExportOptions) -> tuple[str, dict]:
@@ -133,6 +150,8 @@ def _method_options(options: ExportOptions) -> tuple[str, dict]:
         raise UserError(f"--merge-steps/--num-steps apply to method 'tdtm', not {options.method!r}")
     if options.method != "tomesd" and options.ratio is not None:
         raise UserError(f"--ratio applies to method 'tomesd', not {options.method!r}")
+    if options.method != "todo" and options.downsample is not None:
+        raise UserError(f"--downsample applies to method 'todo', not {options.method!r}")
     return METHOD_OPTION_PARSERS.get(options.method, _no_options)(options)
 
 
@@ -141,6 +160,8 @@ def default_out(name: str, method: str, method_opts: dict, target: str) -> Path:
         tag = f"tome-r{method_opts['r']}" if "r" in method_opts else "tome-schedule"
     elif method == "tomesd":
         tag = f"tomesd-{method_opts['ratio']:g}"
+    elif method == "todo":
+        tag = f"todo-{method_opts['downsample']:g}"
     else:
         tag = method
     return Path(f"{name}-{tag}-{target}")
@@ -171,7 +192,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     budget = resolve_budget(options.dynamic_loading, options.memory_budget, device.memory_budget_mb)
     if options.input_shape is not None:
         input_shapes = parse_input_shape(options.input_shape)
-    loaded = load_model(options.model, options.weights, options.trust_pickle)
+    loaded = load_model(options.model, options.weights, options.trust_pickle, options.component)
     if options.input_shape is None:
         input_shapes = default_input_shapes(loaded.module) or (
             [loaded.default_input_shape] if loaded.default_input_shape else None
@@ -195,6 +216,12 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{options.model} rejects input shape {input_shapes}: {first}") from None
+    state = merge_state(model)
+    if method in ("tomesd", "todo") and state is not None and not state.tokens_per_layer:
+        raise UserError(
+            f"method {method!r} found no transformer block at downsampling ≤ {options.max_downsample} in "
+            f"{options.model}; raise --max-downsample (SDXL's first attention level is 2)"
+        )
     with BundleWriter(out) as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)
         ctx.manifest.update(

@@ -204,8 +204,17 @@ def program_input_shape(program: torch.export.ExportedProgram) -> tuple[int, ...
     return shapes[0] if len(shapes) == 1 else None
 
 
-def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+def load_model(
+    spec: str, weights: str | None = None, trust_pickle: bool = False, component: str | None = None
+) -> LoadedModel:
     """Load MODEL as the CLI accepts it. Raises UserError with a one-line reason."""
+    from tome_export.exporter import diffusers_source
+
+    if diffusers_source.is_diffusers_folder(spec):  # a diffusers pipeline or UNet folder
+        module = diffusers_source.load_folder(spec, component)
+        return LoadedModel(module, Path(spec).resolve().name, spec, None)
+    if component is not None:
+        raise UserError("--component applies to a diffusers pipeline folder (model_index.json + unet/) as MODEL")
     if spec.endswith(".pt2") and (Path(spec).exists() or ":" not in spec):
         if weights:
             raise UserError("--weights does not apply to a .pt2 archive: it carries its own weights")
@@ -222,5 +231,5 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         module.load_state_dict(_load_state_dict(weights))
     if not isinstance(module, nn.Module):
         raise UserError(f"MODEL {spec!r} gave a {type(module).__name__}, not a torch.nn.Module")
-    module.eval()
+    module = diffusers_source.adapt(module).eval()  # a raw diffusers UNet: tensor inputs and output
     return LoadedModel(module, short, spec, default_input_shape(module))

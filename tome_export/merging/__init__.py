@@ -44,6 +44,15 @@ def _apply_tdtm(model: nn.Module, **options) -> nn.Module:
 register_method("tdtm")(_apply_tdtm)
 
 
+def _apply_todo(model: nn.Module, **options) -> nn.Module:
+    from tome_export.merging.todo import apply_todo
+
+    return apply_todo(model, **options)
+
+
+register_method("todo")(_apply_todo)
+
+
 def apply(model: nn.Module, method: str = "tome", **options) -> nn.Module:
     """Patch ``model`` in place with a merging ``method`` and return it."""
     if method not in METHODS:
