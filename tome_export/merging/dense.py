@@ -83,8 +83,10 @@ def dense_decompositions() -> dict:
 
 def export_dense(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """torch.export the model, then lower every merge to dense ATen ops (no scatter)."""
+    from tome_export.merging.tomesd import dense_merges  # tomesd merges traced as dense ops directly
+
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), dense_merges():
         program = torch.export.export(model, tuple(example_inputs))
     return program.run_decompositions(dense_decompositions())
 

@@ -16,7 +16,10 @@ each cell. ``use_rand=True`` picks a random token per cell, freshly on every for
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +34,7 @@ from tome_export.merging.tomesd_merge import (  # noqa: F401  (re-exported: the 
     max_ratio,
     merge_decided,
     merge_tokens,
+    merge_tokens_dense,
     partition,
     tie_gap,
     tokens_merged,
@@ -125,6 +129,21 @@ def _block_pre_hook(block: nn.Module, args, kwargs):
         block._tome_plan = _BlockPlan(hidden, h, w, r, seed)
 
 
+_DENSE: contextvars.ContextVar[bool] = contextvars.ContextVar("tomesd_dense", default=False)
+
+
+@contextlib.contextmanager
+def dense_merges() -> Iterator[None]:
+    """Within the block, patched blocks merge with ``merge_tokens_dense`` (plain ATen ops:
+    comparisons, one-hot MatMuls) instead of the custom op — for converters without
+    scatter (Core ML), which then trace the dense merge like any other model code."""
+    token = _DENSE.set(True)
+    try:
+        yield
+    finally:
+        _DENSE.reset(token)
+
+
 def _merge_pre_hook(block: nn.Module, sub: nn.Module, args, kwargs):
     plan: _BlockPlan | None = block._tome_plan
     if plan is None:
@@ -134,7 +153,9 @@ def _merge_pre_hook(block: nn.Module, sub: nn.Module, args, kwargs):
         raise UserError("tomesd cannot merge tokens of an attention with a token mask")
     state: TomesdState = block._tome_state
     args_op = (plan.metric, x, plan.h, plan.w, state.sx, state.sy, plan.r, plan.seed)
-    if plan.slot is not None and pinning.active() is not None:
+    if _DENSE.get():
+        merged, slot = merge_tokens_dense(*args_op)  # same metric: a later merge repeats the decision
+    elif plan.slot is not None and pinning.active() is not None:
         # Only the block's first merge has a slot output to pin to; later merges repeat it.
         with pinning.forced_decisions([plan.slot]):
             merged, slot = torch.ops.tome_export.tomesd_merge(*args_op)

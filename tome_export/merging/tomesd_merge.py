@@ -183,3 +183,40 @@ def _tomesd_merge_fake(metric, x, h, w, sx, sy, r, seed):
     return x.new_empty(batch, num_tokens - r, channels), x.new_empty(batch, num_tokens, dtype=torch.int64)
 
 
+
+
+# -- the same merge in dense ops (Core ML: no scatter, no sort) -------------------------
+
+
+def merge_tokens_dense(
+    metric: torch.Tensor, x: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_tokens`` without sort, scatter or data-dependent gather: comparisons,
+    one-hot matrices and MatMuls (same decisions and slots, values up to rounding).
+    O(Na²) for the ranks and O(N²·C) for the merge: the ``dense`` lowering's price."""
+    from tome_export.merging.dense import _ranks_descending
+
+    sources, destinations = partition(h, w, sx, sy, seed)
+    a_idx = torch.tensor(sources, dtype=torch.int64, device=x.device)
+    b_idx = torch.tensor(destinations, dtype=torch.int64, device=x.device)
+    inverse = [0] * (h * w)  # plain Python: a constant of the graph
+    for position, token in enumerate(sources + destinations):
+        inverse[token] = position
+    batch, num_a, num_b = x.shape[0], len(sources), len(destinations)
+    kept = num_a - r
+    scores, norm_a = _scores(metric, a_idx, b_idx)
+    row_max, node_idx = scores.max(dim=-1)
+    is_src = _ranks_descending(row_max / norm_a) < r  # the stable sort's first r
+    is_kept = torch.logical_not(is_src)
+    kept_pos = torch.cumsum(is_kept.to(torch.int64), dim=-1) - 1  # ascending token order, as eager
+    xa, xb = x.index_select(1, a_idx), x.index_select(1, b_idx)
+    rows_kept = torch.arange(kept, device=x.device)
+    keep_hot = torch.logical_and(is_kept[:, None, :], kept_pos[:, None, :] == rows_kept[None, :, None]).to(x.dtype)
+    rows_b = torch.arange(num_b, device=x.device)
+    dst_hot = torch.logical_and(is_src[:, None, :], node_idx[:, None, :] == rows_b[None, :, None]).to(x.dtype)
+    counts = 1 + dst_hot.sum(dim=-1, keepdim=True)
+    merged = torch.cat([keep_hot @ xa, (xb + dst_hot @ xa) / counts], dim=1)
+    slot_a = torch.where(is_src, kept + node_idx, kept_pos)
+    slot_b = (kept + rows_b).expand(batch, num_b)
+    slot = torch.cat([slot_a, slot_b], dim=1).index_select(1, torch.tensor(inverse, dtype=torch.int64, device=x.device))
+    return merged, slot

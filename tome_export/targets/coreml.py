@@ -326,6 +326,23 @@ def _onnx_check(ctx: ExportContext) -> None:
     verify_against_eager(ctx, OnnxRuntimeRunner(model).run, input_names, output_names, decision_names, runtime)
 
 
+def _or_refuse(step: str, fn, *args):
+    """``fn(*args)``; a failure inside torch.export or coremltools (a model or op they cannot
+    take) becomes a one-line UserError instead of a converter's traceback."""
+    from tome_export.errors import UserError
+
+    try:
+        return fn(*args)
+    except UserError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(
+            f"--target coreml refuses this model: {step} failed ({type(exc).__name__}: {first}); "
+            "export it with --target onnx"
+        ) from None
+
+
 def build_coreml(ctx: ExportContext) -> None:
     from tome_export.merging.dense import export_dense
 
@@ -334,7 +351,7 @@ def build_coreml(ctx: ExportContext) -> None:
     check_memory_budget(ctx)
     inputs = ctx.example_inputs()
     with ctx.progress.step("torch.export with the merge lowered to dense ops (no scatter)"):
-        program = export_dense(ctx.model, inputs)
+        program = _or_refuse("torch.export with dense merges", export_dense, ctx.model, inputs)
     if ctx.options.verify:
         _onnx_check(ctx)
     else:
@@ -356,7 +373,7 @@ def build_coreml(ctx: ExportContext) -> None:
     converted = []
     for filename, piece, nbytes in pieces:
         with ctx.progress.step(f"converting to Core ML mlprogram ({filename})"):
-            mlmodel = convert_program(piece, device)
+            mlmodel = _or_refuse("coremltools conversion", convert_program, piece, device)
         structure = program_structure(mlmodel)
         if structure["scatter_ops"]:
             raise VerificationError(f"{filename}: converted program still has scatter ops")
