@@ -145,3 +145,63 @@ def sd21_tiny(seed: int = 0) -> nn.Module:
 
 def sdxl_tiny(seed: int = 0) -> nn.Module:
     return _unet(sdxl_config(), seed)
+
+
+# -- the published UNet configs (random weights; GBs of memory: benchmarks, not tests) ---
+
+SD15_CONFIG = dict(
+    sample_size=64,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD21_CONFIG = dict(
+    SD15_CONFIG,
+    sample_size=96,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+)
+SDXL_CONFIG = dict(
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def published(config: dict, width: float = 1.0, sample_size: int | None = None, seed: int = 0) -> nn.Module:
+    """A random-weight UNet of a published config; ``width`` scales every block's channels
+    (multiples of 32 groups × heads) for memory extrapolation, ``sample_size`` the latent."""
+    config = dict(config)
+    if width != 1.0:
+        config["block_out_channels"] = tuple(max(64, int(c * width) // 64 * 64) for c in config["block_out_channels"])
+    if sample_size:
+        config["sample_size"] = sample_size
+    return _unet(config, seed)
+
+
+def sd15_full() -> nn.Module:
+    """SD-1.5's UNet (860M parameters, 3.4 GB fp32), random weights, 64×64 latents."""
+    return published(SD15_CONFIG)
+
+
+def sd21_full() -> nn.Module:
+    """SD-2.1's UNet (865M parameters), random weights, 96×96 latents (768 px)."""
+    return published(SD21_CONFIG)
+
+
+def sdxl_full() -> nn.Module:
+    """SDXL's UNet (2.6B parameters, 10.3 GB fp32), random weights, 128×128 latents."""
+    return published(SDXL_CONFIG)
