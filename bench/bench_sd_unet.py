@@ -171,6 +171,7 @@ def time_interleaved(bundles: dict[str, Path], runs: int, threads: int) -> dict[
             start = time.perf_counter()
             session.run(None, feeds)
             times[name].append(time.perf_counter() - start)
+            print(f"  round {round_index} {name}: {times[name][-1] * 1000:.0f} ms", file=sys.stderr, flush=True)
             del session
             gc.collect()
     return times
@@ -224,6 +225,7 @@ def main() -> None:
             bundles[method] = out
     print("counting FLOPs …", file=sys.stderr, flush=True)
     flops = flops_per_variant(methods)
+    print(f"  GFLOPs { ({k: round(v / 1e9, 1) for k, v in flops.items()}) }", file=sys.stderr, flush=True)
     print(f"timing {list(bundles)} interleaved, {args.runs} rounds …", file=sys.stderr, flush=True)
     times = time_interleaved(bundles, args.runs, args.threads)
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
