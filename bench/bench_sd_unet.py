@@ -41,7 +41,8 @@ from samples import tiny_unet  # noqa: E402
 CONFIGS = {"sd15": tiny_unet.SD15_CONFIG, "sd21": tiny_unet.SD21_CONFIG, "sdxl": tiny_unet.SDXL_CONFIG}
 METHOD_ARGS = {
     "none": ["--method", "none"],
-    "tomesd": ["--method", "tomesd", "--ratio", "0.5"],
+    # --pin-decisions: a near-tie flipped by MatMul rounding is diagnosed, not a failure
+    "tomesd": ["--method", "tomesd", "--ratio", "0.5", "--pin-decisions"],
     "todo": ["--method", "todo", "--downsample", "2"],
 }
 
@@ -77,6 +78,7 @@ def export_variant(method: str, out: Path, env: dict, seeds: int, extra: list[st
         verified=verification.get("passed"),
         max_abs_err=verification.get("max_abs_err"),
         decision_agreement_min=min(verification.get("decision_agreement") or [1.0]),
+        pinned=verification.get("pinned"),
         external_data=manifest.get("external_data"),
         bytes=sum(a["bytes"] for a in manifest["artifacts"].values()),
         merge={k: manifest["merge"].get(k) for k in ("tokens_per_layer", "r_per_layer", "kv_tokens_per_layer")},
