@@ -124,8 +124,9 @@ def flops_per_variant(methods: list[str]) -> dict[str, float]:
     from tome_export.exporter.diffusers_source import adapt
     from tome_export.inputs import make_inputs
 
-    model = adapt(unet())
-    inputs = make_inputs(model, model.default_input_shapes, 0)
+    with torch.device("meta"):  # shapes are all the count needs: no weights, no compute
+        model = adapt(unet())
+    inputs = tuple(t.to("meta") for t in make_inputs(model, model.default_input_shapes, 0))
     options = {"none": {}, "tomesd": {"ratio": 0.5}, "todo": {"downsample": 2.0}}
     flops = {}
     for method in methods:
@@ -162,14 +163,15 @@ def _session(bundle: Path, threads: int, profile: str | None = None):
     return ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 
-def time_interleaved(bundles: dict[str, Path], runs: int, threads: int) -> dict[str, list[float]]:
+def time_interleaved(bundles: dict[str, Path], runs: int, threads: int, warmup: bool) -> dict[str, list[float]]:
     import gc
 
     times = defaultdict(list)
     for round_index in range(runs):
         for name, bundle in bundles.items():
             session, feeds = _session(bundle, threads), _feeds(bundle, round_index)
-            session.run(None, feeds)  # warm-up: first-run allocations
+            if warmup:
+                session.run(None, feeds)  # first-run allocations
             start = time.perf_counter()
             session.run(None, feeds)
             times[name].append(time.perf_counter() - start)
@@ -183,12 +185,11 @@ def top_ops(bundle: Path, threads: int, workdir: Path, count: int = 10) -> list[
     session = _session(bundle, threads, profile=str(workdir / f"profile_{bundle.name}"))
     feeds = _feeds(bundle, 0)
     session.run(None, feeds)
-    session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
     per_op = defaultdict(float)
     for event in events:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            per_op[event["args"].get("op_name", "?")] += event["dur"] / 2 / 1000  # ms per run
+            per_op[event["args"].get("op_name", "?")] += event["dur"] / 1000  # ms, one run
     total = sum(per_op.values())
     ranked = sorted(per_op.items(), key=lambda item: -item[1])[:count]
     return [{"op": op, "ms": round(ms, 1), "share": round(ms / total, 3)} for op, ms in ranked]
@@ -203,6 +204,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=1, help="verification seeds per export")
+    parser.add_argument(
+        "--no-warmup", action="store_true", help="time each fresh session's first run (full size: ~30 s runs)"
+    )
     parser.add_argument("--workdir", default=None, help="where bundles go (default: a temporary folder)")
     parser.add_argument("--export-args", default="", help="extra CLI options, e.g. '--max-downsample 2' for SDXL")
     args = parser.parse_args()
@@ -229,7 +233,7 @@ def main() -> None:
     flops = flops_per_variant(methods)
     print(f"  GFLOPs { ({k: round(v / 1e9, 1) for k, v in flops.items()}) }", file=sys.stderr, flush=True)
     print(f"timing {list(bundles)} interleaved, {args.runs} rounds …", file=sys.stderr, flush=True)
-    times = time_interleaved(bundles, args.runs, args.threads)
+    times = time_interleaved(bundles, args.runs, args.threads, not args.no_warmup)
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
     base = "none"
     result = {
