@@ -65,9 +65,15 @@ def main() -> None:
 @click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
 @click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
 @click.option(
-    "--max-downsample", type=int, default=1, show_default=True, help="tomesd/todo: patch blocks up to this downsampling."
+    "--max-downsample",
+    type=int,
+    default=1,
+    show_default=True,
+    help="tomesd/todo: patch blocks up to this downsampling.",
 )
-@click.option("--downsample", type=float, default=None, help="todo: key/value downsampling factor per side (default 2).")
+@click.option(
+    "--downsample", type=float, default=None, help="todo: key/value downsampling factor per side (default 2)."
+)
 @click.option("--component", default=None, help="MODEL is a diffusers pipeline folder: its component (default unet).")
 @click.option(
     "--protected",

@@ -67,7 +67,9 @@ class DiffusersUNet(nn.Module):
         added = None
         if self.sdxl:
             if text_embeds is None or time_ids is None:
-                raise UserError("an SDXL UNet needs 5 inputs: sample; timestep; encoder_hidden_states; text_embeds; time_ids")
+                raise UserError(
+                    "an SDXL UNet needs 5 inputs: sample; timestep; encoder_hidden_states; text_embeds; time_ids"
+                )
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
@@ -96,7 +98,9 @@ def _component_folder(root: Path, component: str | None) -> tuple[Path, str]:
     """(folder holding the UNet's config and weights, component name)."""
     if not (root / "model_index.json").is_file():
         if component is not None:
-            raise UserError(f"--component applies to a diffusers pipeline folder (with model_index.json); {root} has none")
+            raise UserError(
+                f"--component applies to a diffusers pipeline folder (with model_index.json); {root} has none"
+            )
         return root, root.name
     index = _read_json(root / "model_index.json")
     name = component or "unet"

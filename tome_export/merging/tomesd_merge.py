@@ -183,8 +183,6 @@ def _tomesd_merge_fake(metric, x, h, w, sx, sy, r, seed):
     return x.new_empty(batch, num_tokens - r, channels), x.new_empty(batch, num_tokens, dtype=torch.int64)
 
 
-
-
 # -- the same merge in dense ops (Core ML: no scatter, no sort) -------------------------
 
 

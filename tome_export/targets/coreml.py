@@ -327,10 +327,7 @@ def _onnx_check(ctx: ExportContext) -> None:
 
 
 def _or_refuse(step: str, fn, *args):
-    """``fn(*args)``; a failure inside torch.export or coremltools (a model or op they cannot
-    take) becomes a one-line UserError instead of a converter's traceback."""
-    from tome_export.errors import UserError
-
+    """``fn(*args)``; a torch.export/coremltools failure becomes one line, not a traceback."""
     try:
         return fn(*args)
     except UserError:
