@@ -23,7 +23,8 @@ def test_chunks_respect_the_limit_and_reproduce_the_whole():
     from samples.reference_vit import vit_tiny_test
     from tome_export.merging import apply
     from tome_export.merging.dense import export_dense
-    from tome_export.targets.coreml import split_into_chunks, weight_bytes
+    from tome_export.targets.common import weight_bytes
+    from tome_export.targets.coreml_chunks import split_into_chunks
 
     model = apply(vit_tiny_test(depth=3), "tome", r=6)
     x = torch.randn(1, 3, 64, 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -36,7 +37,7 @@ def test_jetson_profiles_build_on_device_and_know_their_dla():
         device = get_device(name)
         assert device.get("engine_built_on_device") is True
         assert device.get("jetpack") and device.get("tensorrt")
-        assert device.memory_budget_mb and device.get("memory_gb")
+        assert device.memory_budget_mib and device.get("memory_gb")
     assert get_device("jetson-orin-nano").get("dla_cores") == 0
     assert get_device("jetson-agx-orin").get("dla_cores") == 2
 
@@ -111,9 +112,7 @@ def test_memory_budget_is_enforced():
     from tome_export.targets.common import check_memory_budget
 
     model = vit_tiny_test()
-    tiny = types.SimpleNamespace(
-        name="tiny", precision="fp16", memory_budget_mb=0.1, get=lambda key, default=None: default
-    )
+    tiny = dataclasses.replace(get_device("jetson-orin-nano"), name="tiny", memory_budget_mib=0.1)
     with pytest.raises(UserError, match="memory budget"):
         check_memory_budget(types.SimpleNamespace(device=tiny, model=model))
     assert check_memory_budget(types.SimpleNamespace(device=get_device("jetson-orin-nano"), model=model)) > 0

@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from tome_export.contract import BIPARTITE_OP_TYPE as PLUGIN_OP_TYPE
+from tome_export.contract import PLUGIN_DOMAIN, PLUGIN_VERSION
 from tome_export.exporter import dense_lowering
 from tome_export.exporter.lowerings import LOWERINGS, get_lowering
 from tome_export.exporter.onnx_export import translation_table
-from tome_export.exporter.plugin_lowering import PLUGIN_DOMAIN, PLUGIN_OP_TYPE, PLUGIN_VERSION
 from tome_export.merging import bipartite
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 from tome_export.targets import get_target
@@ -225,16 +226,13 @@ def test_plugin_bundle_runs_from_file_and_lists_its_domain(tmp_path):
     assert output.shape == (1, 10)
 
 
-def test_lowering_the_target_cannot_run_is_refused(tmp_path):
+def test_lowering_the_target_cannot_run_is_refused(tmp_path, monkeypatch):
     from tome_export.errors import UserError
-    from tome_export.exporter.lowerings import Lowering, register_lowering
+    from tome_export.exporter.lowerings import Lowering
     from tome_export.pipeline import ExportOptions, export
 
-    register_lowering(Lowering("test_unrunnable", "not in any target's list"))
-    try:
-        out = tmp_path / "bundle"
-        with pytest.raises(UserError, match="cannot run lowering 'test_unrunnable'"):
-            export(ExportOptions(model="samples.reference_vit:vit_tiny_test", lowering="test_unrunnable", out=str(out)))
-        assert not out.exists()
-    finally:
-        LOWERINGS.pop("test_unrunnable")
+    monkeypatch.setitem(LOWERINGS, "test_unrunnable", Lowering("test_unrunnable", "not in any target's list"))
+    out = tmp_path / "bundle"
+    with pytest.raises(UserError, match="cannot run lowering 'test_unrunnable'"):
+        export(ExportOptions(model="samples.reference_vit:vit_tiny_test", lowering="test_unrunnable", out=str(out)))
+    assert not out.exists()

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from onnxscript import opset18 as op
 from torch import nn
 
-from tome_export.exporter.lowerings import LOWERINGS, Lowering, merge_scatter, register_lowering
+from tome_export.contract import PLUGIN_DOMAIN
+from tome_export.exporter.lowerings import LOWERINGS, Lowering, merge_scatter
 from tome_export.exporter.onnx_export import export_onnx
-from tome_export.exporter.plugin_lowering import PLUGIN_DOMAIN
 from tome_export.merging import bipartite
 from tome_export.merging.pinning import decision_from_slots, forced_decisions
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
@@ -162,7 +162,7 @@ def _broken_match(metric, x, size, r: int, protected: int):
 def broken_lowerings():
     names = {"test_broken_scale": _broken_scale, "test_broken_match": _broken_match}
     for name, fn in names.items():
-        register_lowering(Lowering(name, "deliberately wrong (test)", {"tome_export::bipartite_merge": fn}))
+        LOWERINGS[name] = Lowering(name, "deliberately wrong (test)", {"tome_export::bipartite_merge": fn})
     yield list(names)
     for name in names:
         LOWERINGS.pop(name)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from tome_export.contract import PLUGIN_DOMAIN, TOMESD_OP_TYPE
 from tome_export.errors import UserError
-from tome_export.exporter.lowerings import LOWERINGS, Lowering, merge_scatter, register_lowering
+from tome_export.exporter.lowerings import LOWERINGS, Lowering, merge_scatter
 from tome_export.exporter.onnx_export import export_onnx
-from tome_export.exporter.plugin_lowering import PLUGIN_DOMAIN, TOMESD_OP_TYPE
 from tome_export.merging.pinning import forced_decisions
 from tome_export.merging.tomesd import merge_tokens, partition
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
@@ -91,10 +91,10 @@ def test_invalid_tomesd_slot_map_is_refused():
 
 
 @pytest.fixture
-def lowering_without_tomesd():
-    register_lowering(Lowering("bipartite_only", "test", {"tome_export::bipartite_merge": merge_scatter}))
-    yield "bipartite_only"
-    LOWERINGS.pop("bipartite_only")
+def lowering_without_tomesd(monkeypatch):
+    lowering = Lowering("bipartite_only", "test", {"tome_export::bipartite_merge": merge_scatter})
+    monkeypatch.setitem(LOWERINGS, lowering.name, lowering)
+    return lowering.name
 
 
 def test_missing_translation_is_a_one_line_user_error(lowering_without_tomesd):

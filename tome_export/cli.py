@@ -1,8 +1,9 @@
 """``tome-export`` command line.
 
 ``tome-export MODEL --target onnx …`` exports (the default command); subcommands sit
-beside it. Bad input prints one line and exits 2; a failed verification exits 1; a
-missing backend exits 3.
+beside it. Every :class:`~tome_export.errors.TomeExportError` prints one line and exits
+with its ``exit_code``: 2 bad input, 1 failed verification, 3 missing backend. The
+options several commands share (``--db``, ``--json``, ``-q``) are defined once below.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import sys
 import click
 
 from tome_export import __version__
-from tome_export.errors import BackendMissing, UserError, VerificationError
+from tome_export.errors import TomeExportError, UserError, first_line
+
+db_option = click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+
+
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON on stdout.")
 
 
 class DefaultToExport(click.Group):
@@ -85,80 +93,18 @@ def main() -> None:
 @click.option("--num-steps", type=int, default=None, help="tdtm: denoising steps in all (default 30).")
 @click.option("--dynamic-loading", is_flag=True, help="Also split the graph into blocks loaded on demand.")
 @click.option("--memory-budget", default=None, help="Dynamic loading budget, e.g. 512MB (default: device's).")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def export_command(
-    model,
-    target,
-    method,
-    r,
-    schedule,
-    input_shape,
-    out,
-    lowering,
-    device,
-    opset,
-    weights,
-    trust_pickle,
-    no_verify,
-    seeds,
-    atol,
-    no_prop_attn,
-    pin_decisions,
-    build_engine,
-    no_trt_check,
-    chunk_mb,
-    ratio,
-    sx,
-    sy,
-    max_downsample,
-    downsample,
-    component,
-    protected,
-    merge_steps,
-    num_steps,
-    dynamic_loading,
-    memory_budget,
-    as_json,
-    quiet,
-) -> None:
+@click.option(
+    "--force", is_flag=True, help="Replace an -o folder tome-export did not write (the old one is kept aside)."
+)
+@json_option("the manifest")
+@quiet_option
+def export_command(as_json: bool, quiet: bool, **params) -> None:
     """Export MODEL with token merging and verify it against eager PyTorch."""
-    from tome_export.pipeline import ExportOptions, export
+    from tome_export.options import ExportOptions
+    from tome_export.pipeline import export
     from tome_export.progress import Progress
 
-    options = ExportOptions(
-        model=model,
-        target=target,
-        method=method,
-        r=r,
-        schedule=schedule,
-        input_shape=input_shape,
-        out=out,
-        lowering=lowering,
-        device=device,
-        opset=opset,
-        verify=not no_verify,
-        seeds=seeds,
-        atol=atol,
-        weights=weights,
-        trust_pickle=trust_pickle,
-        prop_attn=not no_prop_attn,
-        pin_decisions=pin_decisions,
-        build_engine=build_engine,
-        trt_check=not no_trt_check,
-        chunk_mb=chunk_mb,
-        ratio=ratio,
-        sx=sx,
-        sy=sy,
-        max_downsample=max_downsample,
-        downsample=downsample,
-        component=component,
-        protected=protected,
-        merge_steps=merge_steps,
-        num_steps=num_steps,
-        dynamic_loading=dynamic_loading,
-        memory_budget=memory_budget,
-    )
+    options = ExportOptions.from_cli(params)
     progress = Progress(quiet)
     path, manifest = export(options, progress)
     if as_json:
@@ -167,7 +113,7 @@ def export_command(
 
 
 @main.command("devices")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("the profiles")
 def devices_command(as_json: bool) -> None:
     """List device profiles."""
     from tome_export.devices import profiles
@@ -208,12 +154,32 @@ def _sweep_values(text: str | None) -> list[int] | None:
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed warm-up runs.")
 @click.option("--batch-sizes", default=None, help="e.g. 1,8: throughput per batch size (re-exports a static bundle).")
 @click.option("--sweep", default=None, help="r=0,8,16: re-export at each r, measure speed and fidelity.")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@db_option
 @click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
-@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, as_json, quiet):
+@click.option(
+    "--trust-source",
+    is_flag=True,
+    help="Re-load the source model the manifest names (runs its code) for fidelity, --sweep, --batch-sizes.",
+)
+@click.option("--source", default=None, help="MODEL to compare with / re-export (instead of the manifest's).")
+@json_option("the records")
+@quiet_option
+def profile_command(
+    bundle,
+    device,
+    runs,
+    warmup,
+    batch_sizes,
+    sweep,
+    db,
+    no_fidelity,
+    trust_pickle,
+    trust_source,
+    source,
+    as_json,
+    quiet,
+):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
     from tome_export.profiling.report import summarize, table
@@ -224,7 +190,17 @@ def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fid
     sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity
+            bundle,
+            device,
+            runs,
+            warmup,
+            sizes,
+            sweep_values,
+            progress,
+            trust_pickle,
+            not no_fidelity,
+            trust_source,
+            source,
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")
@@ -242,13 +218,13 @@ def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fid
 
 
 @main.command("report")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
-@click.option("--json", "as_json", is_flag=True, help="All records as JSON (the import-results format).")
+@db_option
+@json_option("all records (the import-results format)")
 @click.option("--plots", default=None, help="Folder for PNG plots (latency vs ratio, per-layer bars).")
 @click.option("--import", "import_file", default=None, help="Import a results JSON file first.")
 @click.option("--device", default=None, help="Only this device.")
 @click.option("--model", default=None, help="Only this model.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 def report_command(db, as_json, plots, import_file, device, model, quiet):
     """Compare stored results across devices."""
     from tome_export.profiling import ResultStore
@@ -263,6 +239,8 @@ def report_command(db, as_json, plots, import_file, device, model, quiet):
             progress.say(f"imported {added} new result(s) from {import_file}")
         where = {k: v for k, v in (("device", device), ("model", model)) if v}
         records = store.records(**where)
+        if store.unreadable:
+            progress.say(f"note: left out {store.unreadable} malformed stored result(s) in {store.path}")
     rows = summarize(records)
     if plots:
         for path in write_plots(records, rows, plots):
@@ -275,8 +253,8 @@ def report_command(db, as_json, plots, import_file, device, model, quiet):
 
 @main.command("import-results")
 @click.argument("file")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@db_option
+@quiet_option
 def import_results_command(file, db, quiet):
     """Import results measured elsewhere (Jetson, phone) from a JSON file (`report --json` format)."""
     from tome_export.profiling import ResultStore
@@ -298,15 +276,15 @@ def import_results_command(file, db, quiet):
 @click.option("--runs", type=int, default=20, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--remeasure", is_flag=True, help="Ignore stored points and measure every candidate.")
-@click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
+@db_option
 @click.option("--trust-pickle", is_flag=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the decision as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@json_option("the decision")
+@quiet_option
 def tune_command(
     model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, db, trust_pickle, as_json, quiet
 ):
     """Find the r that meets a latency budget on DEVICE with the best fidelity (exit 1 if none does)."""
-    from tome_export.pipeline import parse_input_shape
+    from tome_export.options import parse_input_shape
     from tome_export.profiling import ResultStore
     from tome_export.profiling.tune import parse_budget, tune
     from tome_export.progress import Progress
@@ -343,25 +321,64 @@ def tune_command(
         raise click.exceptions.Exit(1)
 
 
+DEBUG_ENV = "TOME_EXPORT_DEBUG"
+INTERNAL_ERROR = 70  # EX_SOFTWARE: not bad input, not a failed verification — a bug
+
+
+def _unexpected(exc: BaseException) -> int:
+    """One line for an error nobody anticipated (a bug): exit 70, the traceback on request."""
+    import os
+
+    from tome_export.bundle.writer import disk_error
+
+    if isinstance(exc, OSError):
+        problem = disk_error(exc, getattr(exc, "filename", None) or "the output")
+        if problem is not None:
+            click.echo(f"error: {problem}", err=True)
+            return 2
+    if os.environ.get(DEBUG_ENV):
+        import traceback
+
+        traceback.print_exception(exc)
+    first = first_line(exc, 300)
+    detail = "" if first == type(exc).__name__ else f": {first}"
+    click.echo(
+        f"error: unexpected {type(exc).__name__}{detail} "
+        f"(a bug in tome-export: please report it; {DEBUG_ENV}=1 shows the traceback)",
+        err=True,
+    )
+    return INTERNAL_ERROR
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: maps our errors and click's usage errors to one line and an exit code."""
+    """Entry point: maps our errors and click's usage errors to one line and an exit code;
+    anything else becomes one line too (``TOME_EXPORT_DEBUG=1`` prints the traceback)."""
     try:
         # Outside standalone mode click returns a command's Exit code instead of raising it.
         code = main.main(args=argv, prog_name="tome-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's wrapper of a KeyboardInterrupt
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            click.echo(f"error: interrupted{' by ' + str(cause) if str(cause) else ''}; nothing was written", err=True)
+            return getattr(cause, "exit_code", 130)
         click.echo("error: aborted", err=True)
         return 130
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
         return 2
-    except (UserError, VerificationError, BackendMissing) as exc:
+    except TomeExportError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP during an export
+        click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing was written", err=True)
+        return getattr(exc, "exit_code", 130)
+    except RecursionError:
+        click.echo("error: input nested too deeply to process", err=True)
+        return 2
+    except Exception as exc:
+        return _unexpected(exc)
     return code if isinstance(code, int) else 0
 
 

@@ -4,7 +4,8 @@
 maps it to ScatterElements with ``reduction="none"`` (last write wins) and the graph runs
 and is silently wrong. Here every reduction, with ``include_self`` True or False, is
 rebuilt from ScatterElements(add/mul/max/min) plus a count of writes per position.
-Each use is recorded so the export log and manifest can say what was rewritten.
+Each use is recorded in the current export's log (``export_log.current()``) so the export
+log and manifest can say what was rewritten.
 """
 
 from __future__ import annotations
@@ -14,16 +15,9 @@ import math
 import torch
 from onnxscript import opset18 as op
 
-from tome_export.exporter.lowerings import ints
+from tome_export.exporter.export_log import current
 
 _REDUCTIONS = {"sum": "add", "prod": "mul", "amax": "max", "amin": "min", "mean": "add"}
-
-
-class RewriteLog(list):
-    """Records each rewritten node: {"op", "reduce", "include_self", "became"}."""
-
-
-REWRITES = RewriteLog()
 
 
 def _fill(like, value: float):
@@ -50,7 +44,7 @@ def scatter_reduce(self, dim: int, index, src, reduce: str, include_self: bool =
             start = op.Where(written, _fill(self, identity), self)
         out = op.ScatterElements(start, index, src, axis=dim, reduction=reduction)
         became = f"ScatterElements({reduction})" + ("" if include_self else " from a Where-masked start")
-    REWRITES.append(
+    current().rewrites.append(
         {"op": "aten::scatter_reduce", "reduce": reduce, "include_self": bool(include_self), "became": became}
     )
     return out
@@ -61,4 +55,4 @@ def translation_table() -> dict:
     return {torch.ops.aten.scatter_reduce.two: scatter_reduce}
 
 
-__all__ = ["REWRITES", "ints", "scatter_reduce", "translation_table"]
+__all__ = ["scatter_reduce", "translation_table"]

@@ -8,7 +8,8 @@ as onnx-tensorrt requires) and maps onto Core ML / the Neural Engine.
 
 The price is O(N²·C): the one-hot MatMul does 2·B·(N−p−r)·⌈(N−p)/2⌉·(C+1) FLOPs where
 the scatter lowering moves B·(N−p)·(C+1) values. Each translation records that cost in
-``LOWERING_NOTES`` so the export log says it (see :func:`dense_cost`).
+the current export's log (``export_log.current().notes``) so the export log says it (see
+:func:`dense_cost`).
 """
 
 from __future__ import annotations
@@ -18,23 +19,15 @@ import logging
 from onnx import TensorProto
 from onnxscript import opset18 as op
 
-from tome_export.exporter.lowerings import (
-    LOWERING_NOTES,
-    Lowering,
-    arange_rows,
-    finish,
-    interleave_slots,
-    ints,
-    no_merge,
-    register_lowering,
-    take,
-)
+from tome_export.contract import TRT_TOPK_MAX_K
+from tome_export.exporter.export_log import current
+from tome_export.exporter.lowering_ops import arange_rows, finish, interleave_slots, ints, no_merge, take
 
 log = logging.getLogger(__name__)
 
 # onnx-tensorrt accepts TopK only with K < 3840; above it the merged set comes from a
 # pairwise rank (O(Na²) comparisons) instead.
-TOPK_LIMIT = 3840
+TOPK_LIMIT = TRT_TOPK_MAX_K
 
 
 def dense_cost(batch: int, num_tokens: int, channels: int, r: int, protected: int) -> dict:
@@ -95,13 +88,13 @@ def merge_dense(metric, x, size, r: int, protected: int):
     if r == 0:
         return no_merge(x, size, batch, num_tokens, protected)
     cost = dense_cost(batch, num_tokens, channels, r, protected)
-    LOWERING_NOTES.append(cost)
+    current().notes.append(cost)
     log.info(cost["message"])
     body_tokens = num_tokens - protected
     num_a, num_b = (body_tokens + 1) // 2, body_tokens // 2
     kept = num_a - r
 
-    # Matching, as lowerings.match computes it up to the edge scores.
+    # Matching, as scatter_lowering.match computes it up to the edge scores.
     body = take(metric, protected) if protected else metric
     body = op.Div(body, op.ReduceL2(body, ints(-1), keepdims=1))
     scores = op.MatMul(take(body, 0, step=2), op.Transpose(take(body, 1, step=2), perm=[0, 2, 1]))
@@ -132,12 +125,3 @@ def merge_dense(metric, x, size, r: int, protected: int):
     slot_b = arange_rows(batch, protected + kept, num_b)
     slot = interleave_slots(slot_a, slot_b, batch, num_tokens, protected)
     return merged_x, merged_size, slot
-
-
-register_lowering(
-    Lowering(
-        "dense",
-        "one-hot assignment matrices and MatMul, no Scatter (TensorRT without plugins, Neural Engine); O(N²·C)",
-        {"tome_export::bipartite_merge": merge_dense},
-    )
-)

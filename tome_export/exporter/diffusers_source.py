@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 UNET_CLASS = "UNet2DConditionModel"
 TEXT_TOKENS = 77  # CLIP's context length: what SD pipelines pass
@@ -133,6 +133,5 @@ def load_folder(spec: str, component: str | None = None) -> nn.Module:
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load the {name} of {spec}: {first}") from None
+        raise UserError(f"cannot load the {name} of {spec}: {first_line(exc)}") from None
     return adapt(unet.eval())

@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 from tome_export.merging import ops  # noqa: F401  (registers tome_export::bipartite_merge)
 from tome_export.merging import schedule as schedules
 from tome_export.merging.tome import TomeState
@@ -488,7 +488,7 @@ SIZE_FIXERS: dict[object, FixFn] = {
 
 
 def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return first_line(exc, 200)
 
 
 def _rerun(gm: fx.GraphModule, node: fx.Node, env: dict, old_shapes: dict, base_tokens: int):
@@ -594,18 +594,8 @@ def _with_input_names(names: list[str]) -> type[GraphMergedModel]:
 
 
 def as_schedule(r: int | None, schedule) -> schedules.Schedule:
-    """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes."""
-    if (r is None) == (schedule is None):
-        raise UserError("give exactly one of r= or schedule= for method 'tome'")
-    if r is not None:
-        return schedules.constant(r)
-    if isinstance(schedule, schedules.Schedule):
-        return schedule
-    if isinstance(schedule, tuple) and len(schedule) == 2 and isinstance(schedule[1], float):
-        return schedules.Schedule("linear", r=int(schedule[0]), inflection=float(schedule[1]))
-    if any(v < 0 for v in schedule):
-        raise UserError(f"schedule {list(schedule)}: every r must be ≥ 0")
-    return schedules.Schedule("list", per_layer=tuple(int(v) for v in schedule))
+    """The same r/schedule arguments ``tome_export.apply(method="tome")`` takes (one parser for both)."""
+    return schedules.coerce(r, schedule)
 
 
 def _to_program(model_or_program, example_inputs: tuple) -> torch.export.ExportedProgram:

@@ -1,4 +1,10 @@
-"""torch.export → ONNX with the merge op translated by a chosen lowering."""
+"""torch.export → ONNX with the merge op translated by a chosen lowering.
+
+``export_onnx`` is the exporter's one entry point: it traces the model with its merge
+decisions as extra outputs, applies the tracer's rewrites, translates with the lowering's
+table plus the ATen fixes, and returns an :class:`OnnxExport` holding the shipped graph,
+the graph verification runs, and this export's own log (rewrites, lowering notes).
+"""
 
 from __future__ import annotations
 
@@ -12,20 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
+from tome_export.contract import decision_names as decision_output_names
 from tome_export.errors import UserError
-from tome_export.exporter import aten_fixes, lowerings, tomesd_lowering, tracer  # noqa: F401  (tomesd translations)
+from tome_export.exporter import aten_fixes, tracer
+from tome_export.exporter.export_log import ExportLog, recording
 from tome_export.exporter.lowerings import LOWERINGS, get_lowering
+from tome_export.graph_passes import drop_outputs
+from tome_export.graph_passes.external_data import EXTERNAL_DATA_THRESHOLD, externalize, ir_initializer_bytes
 from tome_export.merging import merge_state
 from tome_export.merging.ops import OP_NAMESPACE, merge_op_overloads
 
-DECISION_PREFIX = "tome_slots_"
 DEFAULT_OPSET = 18
 
 
-class _WithDecisions(nn.Module):
+class WithDecisions(nn.Module):
     """Returns the model's outputs followed by every merging layer's slot map."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -113,32 +123,31 @@ def export_onnx(
     example_inputs: tuple[torch.Tensor, ...],
     lowering: str = "scatter",
     opset: int = DEFAULT_OPSET,
+    program: torch.export.ExportedProgram | None = None,
     external_data: Path | None = None,
     external_threshold: int | None = None,
 ) -> OnnxExport:
     """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked.
 
+    ``program``: an ``ExportedProgram`` of ``WithDecisions(model)`` made elsewhere (Core ML
+    lowers merges to dense ATen ops in torch first); default: torch.export of the model.
     ``external_data``: when the weights exceed ``external_threshold`` bytes (default
     ``EXTERNAL_DATA_THRESHOLD``, under protobuf's 2 GB), stream them to that file instead
     of the proto (see ``graph_passes.external_data``)."""
-    from tome_export.graph_passes.external_data import EXTERNAL_DATA_THRESHOLD, externalize, ir_initializer_bytes
-
     model.eval()
     with torch.no_grad():
         reference = model(*example_inputs)
     num_outputs = len(reference) if isinstance(reference, (tuple, list)) else 1
     state = merge_state(model)
-    num_decisions = len(state.slots) if state is not None else 0
     input_names = input_names_for(model, len(example_inputs))
     output_names = ["output"] if num_outputs == 1 else [f"output_{i}" for i in range(num_outputs)]
-    decision_names = [f"{DECISION_PREFIX}{i}" for i in range(num_decisions)]
-    start = len(aten_fixes.REWRITES)
-    notes_start = len(lowerings.LOWERING_NOTES)
-    with _quiet():
-        exported_program = torch.export.export(_WithDecisions(model), tuple(example_inputs), strict=False)
+    decision_names = decision_output_names(len(state.slots) if state is not None else 0)
+    log = ExportLog()
+    with _quiet(), recording(log):
+        exported_program = program or torch.export.export(WithDecisions(model), tuple(example_inputs), strict=False)
         _check_translations(exported_program, lowering)
         tracer_rewrites = tracer.rewrite_program(exported_program)
-        program = torch.onnx.export(
+        onnx_program = torch.onnx.export(
             exported_program,
             tuple(example_inputs),
             dynamo=True,
@@ -149,19 +158,15 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    del exported_program
+    del exported_program, program
     threshold = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
-    if external_data is not None and ir_initializer_bytes(program.model) > threshold:
-        externalize(program.model, Path(external_data))
+    if external_data is not None and ir_initializer_bytes(onnx_program.model) > threshold:
+        externalize(onnx_program.model, Path(external_data))
     else:
         external_data = None
-    import onnx_ir as ir
-
-    full = ir.serde.serialize_model(program.model)
-    del program
+    full = ir.serde.serialize_model(onnx_program.model)
+    del onnx_program
     gc.collect()
-    from tome_export.graph_passes import drop_outputs
-
     shipped = drop_outputs(full, set(decision_names)) if decision_names else full
     return OnnxExport(
         model=shipped,
@@ -169,8 +174,8 @@ def export_onnx(
         input_names=input_names,
         output_names=output_names,
         decision_names=decision_names,
-        rewrites=tracer_rewrites + list(aten_fixes.REWRITES[start:]),
-        lowering_notes=list(lowerings.LOWERING_NOTES[notes_start:]),
+        rewrites=tracer_rewrites + log.rewrites,
+        lowering_notes=log.notes,
         custom_domains=sorted({o.domain for o in shipped.opset_import} & set(get_lowering(lowering).custom_domains)),
         external_data=Path(external_data) if external_data is not None else None,
     )

@@ -1,7 +1,7 @@
 """The ``plugin`` lowering: one custom-domain node per merge.
 
-The node's contract is fixed (the TensorRT plugin and the Triton kernel implement it, and
-``runtimes/ort_custom_ops.py`` implements it for ONNX Runtime):
+The node's contract is fixed (names in ``tome_export.contract``; the TensorRT plugin and the
+Triton kernel implement it, and ``runtimes/ort_custom_ops.py`` implements it for ONNX Runtime):
 
 - domain ``tome_export``, op_type ``BipartiteMerge``, opset version 1 of that domain;
 - inputs ``metric`` (B, N, D) float, ``x`` (B, N, C) float, ``size`` (B, N, 1) float;
@@ -23,39 +23,48 @@ import onnx.defs
 from onnx.defs import OpSchema
 from onnxscript import values
 
-from tome_export.exporter.lowerings import Lowering, register_lowering
-
-PLUGIN_DOMAIN = "tome_export"
-PLUGIN_OP_TYPE = "BipartiteMerge"
-PLUGIN_VERSION = 1
-PLUGIN_MODES = ("weighted_mean",)
+from tome_export.contract import (
+    BIPARTITE_ATTRIBUTES,
+    BIPARTITE_INPUTS,
+    BIPARTITE_MODES,
+    BIPARTITE_OP_TYPE,
+    BIPARTITE_OUTPUTS,
+    PLUGIN_DOMAIN,
+    PLUGIN_VERSION,
+    TOMESD_ATTRIBUTES,
+    TOMESD_INPUTS,
+    TOMESD_OP_TYPE,
+    TOMESD_OUTPUTS,
+    uses_plugin_domain,  # noqa: F401  (runtimes/onnxruntime.py imports it from here)
+)
 
 
 def plugin_schema() -> OpSchema:
     """The node's ONNX schema: lets onnxscript build it and the checker validate it."""
     param = OpSchema.FormalParameter
     return OpSchema(
-        PLUGIN_OP_TYPE,
+        BIPARTITE_OP_TYPE,
         PLUGIN_DOMAIN,
         PLUGIN_VERSION,
         "ToMe bipartite soft matching and size-weighted merge of r tokens (see docs/lowerings.md).",
-        inputs=[param("metric", "T", "(B, N, D)"), param("x", "T", "(B, N, C)"), param("size", "T", "(B, N, 1)")],
+        inputs=[
+            param(name, "T", shape) for name, shape in zip(BIPARTITE_INPUTS, ("(B, N, D)", "(B, N, C)", "(B, N, 1)"))
+        ],
         outputs=[
-            param("x_out", "T", "(B, N - r, C)"),
-            param("size_out", "T", "(B, N - r, 1)"),
-            param("slot", "tensor(int64)", "(B, N): output position of every input token"),
+            param(BIPARTITE_OUTPUTS[0], "T", "(B, N - r, C)"),
+            param(BIPARTITE_OUTPUTS[1], "T", "(B, N - r, 1)"),
+            param(BIPARTITE_OUTPUTS[2], "tensor(int64)", "(B, N): output position of every input token"),
         ],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
         attributes=[
-            OpSchema.Attribute("r", OpSchema.AttrType.INT, "tokens merged away"),
-            OpSchema.Attribute("protected", OpSchema.AttrType.INT, "leading tokens that never merge"),
-            OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "'weighted_mean'"),
+            OpSchema.Attribute(name, kind, meaning)
+            for name, kind, meaning in zip(
+                BIPARTITE_ATTRIBUTES,
+                (OpSchema.AttrType.INT, OpSchema.AttrType.INT, OpSchema.AttrType.STRING),
+                ("tokens merged away", "leading tokens that never merge", f"one of {BIPARTITE_MODES}"),
+            )
         ],
     )
-
-
-TOMESD_OP_TYPE = "TomesdMerge"
-TOMESD_ATTRIBUTES = ("h", "w", "sx", "sy", "r", "seed")
 
 
 def tomesd_schema() -> OpSchema:
@@ -74,10 +83,10 @@ def tomesd_schema() -> OpSchema:
         PLUGIN_DOMAIN,
         PLUGIN_VERSION,
         "tomesd token merge: r sources averaged into their most similar destination (see docs/diffusion.md).",
-        inputs=[param("metric", "T", "(B, N, D)"), param("x", "T", "(B, N, C)")],
+        inputs=[param(name, "T", shape) for name, shape in zip(TOMESD_INPUTS, ("(B, N, D)", "(B, N, C)"))],
         outputs=[
-            param("x_out", "T", "(B, N - r, C)"),
-            param("slot", "tensor(int64)", "(B, N): output position of every input token"),
+            param(TOMESD_OUTPUTS[0], "T", "(B, N - r, C)"),
+            param(TOMESD_OUTPUTS[1], "tensor(int64)", "(B, N): output position of every input token"),
         ],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")],
         attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, meanings[name]) for name in TOMESD_ATTRIBUTES],
@@ -85,7 +94,9 @@ def tomesd_schema() -> OpSchema:
 
 
 def _register_schema() -> None:
-    for op_type, schema in ((PLUGIN_OP_TYPE, plugin_schema), (TOMESD_OP_TYPE, tomesd_schema)):
+    # onnx.defs is process-wide: onnxscript needs the schemas to build the nodes and
+    # onnx.checker to validate them, so they are registered once, on import.
+    for op_type, schema in ((BIPARTITE_OP_TYPE, plugin_schema), (TOMESD_OP_TYPE, tomesd_schema)):
         if not onnx.defs.has(op_type, PLUGIN_DOMAIN):
             onnx.defs.register_schema(schema())
 
@@ -97,7 +108,7 @@ plugin_opset = values.Opset(PLUGIN_DOMAIN, PLUGIN_VERSION)
 def merge_plugin(metric, x, size, r: int, protected: int):
     """``tome_export::bipartite_merge`` → one ``tome_export.BipartiteMerge`` node."""
     return plugin_opset.BipartiteMerge(
-        metric, x, size, r=int(r), protected=int(protected), mode="weighted_mean", _outputs=3
+        metric, x, size, r=int(r), protected=int(protected), mode=BIPARTITE_MODES[0], _outputs=3
     )
 
 
@@ -106,20 +117,3 @@ def tomesd_merge_plugin(metric, x, h: int, w: int, sx: int, sy: int, r: int, see
     return plugin_opset.TomesdMerge(
         metric, x, h=int(h), w=int(w), sx=int(sx), sy=int(sy), r=int(r), seed=int(seed), _outputs=2
     )
-
-
-def uses_plugin_domain(model) -> bool:
-    """Whether an ``onnx.ModelProto`` has nodes of the plugin domain (top-level graph)."""
-    return any(node.domain == PLUGIN_DOMAIN for node in model.graph.node) or any(
-        f.domain == PLUGIN_DOMAIN for f in model.functions
-    )
-
-
-register_lowering(
-    Lowering(
-        "plugin",
-        f"one {PLUGIN_DOMAIN}.{PLUGIN_OP_TYPE} custom node per merge (TensorRT plugin, ONNX Runtime custom op)",
-        {"tome_export::bipartite_merge": merge_plugin, "tome_export::tomesd_merge": tomesd_merge_plugin},
-        custom_domains=(PLUGIN_DOMAIN,),
-    )
-)

@@ -1,14 +1,15 @@
 """ONNX translations of ``tome_export::tomesd_merge`` (see ``merging/tomesd.py``).
 
 The source/destination partition is fixed at export time, so it is computed here in
-Python (the same ``partition`` the eager op uses) and embedded as constant indices.
+Python (the same ``partition`` the eager op uses) and embedded as constant indices. Both
+translations are entries of the ``LOWERINGS`` table (``lowerings.py``).
 
 - ``scatter``: Gather the partition, TopK matching, whole source rows gathered with
   GatherND(batch_dims=1), summed into their destinations with ScatterElements(add) (values
   and a count per destination), then divide. Not ScatterND(add): ONNX Runtime adds its
   duplicate indices from several threads without synchronisation. (Not for TensorRT —
   the ``dense`` lowering is.)
-- ``dense`` (registered when that lowering exists): the same matching, then one-hot
+- ``dense``: the same matching, then one-hot
   assignment matrices and MatMul — no Scatter, no GatherElements. O(N²·C).
 """
 
@@ -16,10 +17,8 @@ from __future__ import annotations
 
 from onnxscript import opset18 as op
 
-from tome_export.exporter.lowerings import LOWERINGS, arange_rows, ints, register_translation, take
+from tome_export.exporter.lowering_ops import arange_rows, ints, take
 from tome_export.merging.tomesd import partition
-
-OP_NAME = "tome_export::tomesd_merge"
 
 
 def _geometry(x, h: int, w: int, sx: int, sy: int, r: int, seed: int) -> dict:
@@ -138,8 +137,3 @@ def tomesd_merge_dense(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed
         dst = op.Concat(op.MatMul(unm_hot, xa), dst, axis=1)
     slot_a = op.Cast(op.Squeeze(slot_a, ints(1)), to=7)  # INT64
     return dst, _slot(slot_a, g)
-
-
-register_translation("scatter", OP_NAME)(tomesd_merge_scatter)
-if "dense" in LOWERINGS:
-    register_translation("dense", OP_NAME)(tomesd_merge_dense)

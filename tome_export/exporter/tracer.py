@@ -43,18 +43,6 @@ from tome_export.errors import UserError
 aten = torch.ops.aten
 
 Rewriter = Callable[[fx.Graph, fx.Node], "dict | None"]
-REWRITERS: dict = {}
-
-
-def register_rewriter(*targets):
-    """Decorator: rewrite nodes calling any of ``targets`` (ATen overloads)."""
-
-    def decorator(fn: Rewriter) -> Rewriter:
-        for target in targets:
-            REWRITERS[target] = fn
-        return fn
-
-    return decorator
 
 
 def _fake(value):
@@ -89,7 +77,6 @@ def _identity(reduce: str, dtype: torch.dtype):
     return info.min if reduce == "amax" else info.max
 
 
-@register_rewriter(aten.scatter_reduce.two)
 def _scatter_reduce(graph: fx.Graph, node: fx.Node) -> dict | None:
     start, dim, index, src, reduce = node.args[:5]
     include_self = bool(node.kwargs.get("include_self", node.args[5] if len(node.args) > 5 else True))
@@ -134,7 +121,6 @@ def _scatter_reduce(graph: fx.Graph, node: fx.Node) -> dict | None:
     return {"op": "aten.scatter_reduce.two", "reduce": reduce, "include_self": include_self, "became": became}
 
 
-@register_rewriter(aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable)
 def _unstable_sort(graph: fx.Graph, node: fx.Node) -> dict | None:
     if node.target in (aten.sort.stable, aten.argsort.stable) and node.kwargs.get("stable"):
         return None
@@ -151,6 +137,13 @@ def _unstable_sort(graph: fx.Graph, node: fx.Node) -> dict | None:
     }
 
 
+# ATen overload → its rewriter, in the order the rewriters run (merge arithmetic, then sorts).
+REWRITERS: dict[object, Rewriter] = {
+    aten.scatter_reduce.two: _scatter_reduce,
+    **{t: _unstable_sort for t in (aten.sort.default, aten.argsort.default, aten.sort.stable, aten.argsort.stable)},
+}
+
+
 def _graphs(program: torch.export.ExportedProgram) -> list[fx.GraphModule]:
     return [m for m in program.graph_module.modules() if isinstance(m, fx.GraphModule)]
 
@@ -158,7 +151,7 @@ def _graphs(program: torch.export.ExportedProgram) -> list[fx.GraphModule]:
 def rewrite_program(program: torch.export.ExportedProgram) -> list[dict]:
     """Rewrite ``program`` in place; returns one record per rewritten node.
 
-    One rewriter after another (registration order: merge arithmetic first, then sorts),
+    One rewriter after another (the table's order: merge arithmetic first, then sorts),
     each over every graph, so the records come grouped by kind."""
     rewrites, changed = [], set()
     modules = _graphs(program)

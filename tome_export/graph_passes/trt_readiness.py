@@ -17,9 +17,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-TOPK_MAX_K = 3840  # onnx-tensorrt: "K must be less than 3840"
+from tome_export.contract import BIPARTITE_OP_TYPE, PLUGIN_DOMAIN, TRT_TOPK_MAX_K
+
+TOPK_MAX_K = TRT_TOPK_MAX_K  # onnx-tensorrt: "K must be less than 3840"
 SUPPORTED_OPSET = (9, 20)  # TensorRT 10.0 parser range
-MERGE_PLUGIN = ("tome_export", "BipartiteMerge")
+MERGE_PLUGIN = (PLUGIN_DOMAIN, BIPARTITE_OP_TYPE)
 
 # Ops the TensorRT 10 ONNX parser has no importer for (onnx-tensorrt operators.md).
 UNSUPPORTED_OPS = frozenset(

@@ -124,18 +124,7 @@ def apply_tome(
     prop_attn: bool = True,
 ) -> nn.Module:
     """Patch ``model`` in place with ToMe; ``r`` constant or ``schedule``. Returns ``model``."""
-    if (r is None) == (schedule is None):
-        raise UserError("give exactly one of r= or schedule= for method 'tome'")
-    if r is not None:
-        sched = schedules.constant(r)
-    elif isinstance(schedule, schedules.Schedule):
-        sched = schedule
-    elif isinstance(schedule, tuple):
-        sched = schedules.Schedule("linear", r=int(schedule[0]), inflection=float(schedule[1]))
-    else:
-        if any(v < 0 for v in schedule):
-            raise UserError(f"schedule {list(schedule)}: every r must be ≥ 0")
-        sched = schedules.Schedule("list", per_layer=tuple(int(v) for v in schedule))
+    sched = schedules.coerce(r, schedule)
     blocks = [m for m in model.modules() if is_vit_block(m)]
     if not blocks:
         raise UserError(

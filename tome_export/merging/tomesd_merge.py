@@ -192,7 +192,7 @@ def merge_tokens_dense(
     """``merge_tokens`` without sort, scatter or data-dependent gather: comparisons,
     one-hot matrices and MatMuls (same decisions and slots, values up to rounding).
     O(Na²) for the ranks and O(N²·C) for the merge: the ``dense`` lowering's price."""
-    from tome_export.merging.dense import _ranks_descending
+    from tome_export.merging.bipartite import ranks_descending
 
     sources, destinations = partition(h, w, sx, sy, seed)
     a_idx = torch.tensor(sources, dtype=torch.int64, device=x.device)
@@ -204,7 +204,7 @@ def merge_tokens_dense(
     kept = num_a - r
     scores, norm_a = _scores(metric, a_idx, b_idx)
     row_max, node_idx = scores.max(dim=-1)
-    is_src = _ranks_descending(row_max / norm_a) < r  # the stable sort's first r
+    is_src = ranks_descending(row_max / norm_a) < r  # the stable sort's first r
     is_kept = torch.logical_not(is_src)
     kept_pos = torch.cumsum(is_kept.to(torch.int64), dim=-1) - 1  # ascending token order, as eager
     xa, xb = x.index_select(1, a_idx), x.index_select(1, b_idx)

@@ -1,4 +1,9 @@
-"""Pick the merge ratio that meets a latency budget with the best fidelity, from measured points."""
+"""Pick the merge ratio that meets a latency budget with the best fidelity, from measured points.
+
+Owns ``tome-export tune``: parsing the budget, reusing points from the result store for the
+same model, device, input shape and tool version, measuring the missing candidates (export +
+:func:`tome_export.profiling.sweep.profile_bundle`) and choosing among them.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ def tune(
     """Use stored points for (model, device, input shape, this version); measure missing candidates."""
     from tome_export.devices import get_device
     from tome_export.pipeline import ExportOptions, export
-    from tome_export.profiling.measure import profile_bundle, token_cap
+    from tome_export.profiling.sweep import profile_bundle, token_cap
 
     progress = progress or Progress(quiet=True)
     profile = get_device(device)
@@ -89,10 +94,12 @@ def tune(
                 )
                 with progress.step(f"exporting {model} at r={r}"):
                     path, manifest = export(options, Progress(quiet=True))
-                cap = token_cap(manifest, trust_pickle)
+                cap = token_cap(manifest, trust_pickle, trust_source=True)  # the user named MODEL
                 if cap is not None and r > cap:
                     raise UserError(f"--candidates value {r} is beyond this model's cap r ≤ {cap}")
-                records = profile_bundle(path, profile.name, runs, warmup, progress=progress, trust_pickle=trust_pickle)
+                records = profile_bundle(
+                    path, profile.name, runs, warmup, progress=progress, trust_pickle=trust_pickle, trust_source=True
+                )
                 store.add(records)
                 points[r] = {**_point(records[0]), "from": "measured now"}
     ordered = [points[r] for r in sorted(points)]

@@ -9,10 +9,11 @@ NOT verified here: this project's test machines have no GPU and no onnxruntime-g
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
+from typing import Any
 
-from tome_export.errors import BackendMissing
+import numpy as np
+
+from tome_export.errors import BackendMissing, first_line
 
 CUDA_EP = "CUDAExecutionProvider"
 INSTALL_HINT = "pip install 'tome-export[gpu]' (onnxruntime-gpu: CUDA 12/13 and cuDNN 9)"
@@ -34,12 +35,12 @@ class CudaGraphRunner:
     name = "onnxruntime-cuda"
 
     def __init__(
-        self, model: onnx.ModelProto | bytes, cuda_graph: bool = True, tf32: bool = False, device_id: int = 0
+        self, model: Any, cuda_graph: bool = True, tf32: bool = False, device_id: int = 0
     ) -> None:
         import onnxruntime as ort
 
         require_cuda_provider()
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        data = model.SerializeToString() if hasattr(model, "SerializeToString") else model  # ModelProto or bytes
         base = {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0"}
         self.cuda_graph = False
         self.session = None
@@ -49,7 +50,7 @@ class CudaGraphRunner:
                 self.session = ort.InferenceSession(data, providers=[(CUDA_EP, options)])
                 self.cuda_graph = True
             except Exception as exc:  # some node is not on CUDA: capture is impossible
-                self.fallback_reason = (str(exc).strip().splitlines() or ["unknown"])[0]
+                self.fallback_reason = first_line(exc)
         if self.session is None:
             self.session = ort.InferenceSession(data, providers=[(CUDA_EP, base), "CPUExecutionProvider"])
         self.device_id = device_id

@@ -1,12 +1,17 @@
 """``--target trt``: a TensorRT-ready ONNX graph, verified, plus the engine or its build scripts.
 
-1. export with the ``dense`` lowering (plain TensorRT layers) or ``plugin`` (one
+The hooks this target adds to the one export path (``targets/export_path.py``):
+
+1. ``prepare``: the weights fit the device's memory budget; ``--build-engine`` rules;
+2. export with the ``dense`` lowering (plain TensorRT layers) or ``plugin`` (one
    ``tome_export::BipartiteMerge`` node per merge, run by the Triton merge plugin);
-2. TensorRT-readiness check (``graph_passes/trt_readiness.py``), on by default;
-3. verification on ONNX Runtime CPU against eager PyTorch (plugin graphs: the merge node
-   runs the reference implementation through onnxruntime-extensions);
-4. an engine through TensorRT's Python API when ``tensorrt`` imports and the profile does
-   not require building on the device; always ``build_engine.sh`` / ``build_engine.py``.
+3. ``graph_passes``: plugin nodes marked for TensorRT's parser, then the TensorRT-readiness
+   check (``graph_passes/trt_readiness.py``), on by default;
+4. ``verifier``: ONNX Runtime CPU against eager PyTorch (plugin graphs: the merge node runs
+   the reference implementation through onnxruntime-extensions);
+5. ``build_engine_or_scripts``: an engine through TensorRT's Python API when ``tensorrt``
+   imports and the profile does not require building on the device; always
+   ``build_engine.sh`` / ``build_engine.py``.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from pathlib import Path
 
 import onnx
 
+from tome_export.contract import BIPARTITE_OP_TYPE, PLUGIN_DOMAIN, TRT_PLUGIN_ATTRIBUTES, qualified_op
 from tome_export.errors import BackendMissing, UserError
-from tome_export.targets import ExportContext, Target, register_target
-from tome_export.targets.common import check_memory_budget, verify_against_eager
+from tome_export.exporter.onnx_export import OnnxExport
+from tome_export.targets.base import ExportContext, Target
+from tome_export.targets.common import check_memory_budget
 
-PLUGIN_DOMAIN, PLUGIN_OP = "tome_export", "BipartiteMerge"
 DEFAULT_TRT_VERSION = "10.8"
 HERE = Path(__file__).resolve().parent
 
@@ -42,9 +48,9 @@ def mark_plugin_nodes(model: onnx.ModelProto) -> int:
     """Tell TensorRT's ONNX parser which plugin runs each merge node (namespace, version, AOT)."""
     count = 0
     for node in model.graph.node:
-        if node.domain == PLUGIN_DOMAIN and node.op_type == PLUGIN_OP:
+        if node.domain == PLUGIN_DOMAIN and node.op_type == BIPARTITE_OP_TYPE:
             present = {a.name for a in node.attribute}
-            for name, value in (("plugin_namespace", PLUGIN_DOMAIN), ("plugin_version", "1"), ("aot", 1)):
+            for name, value in TRT_PLUGIN_ATTRIBUTES:
                 if name not in present:
                     node.attribute.append(onnx.helper.make_attribute(name, value))
             count += 1
@@ -98,70 +104,69 @@ def write_build_scripts(ctx: ExportContext, onnx_name: str, plugin_nodes: int) -
     return written
 
 
-def build_tensorrt(ctx: ExportContext) -> None:
-    from tome_export.exporter.onnx_export import export_onnx
-    from tome_export.graph_passes.trt_readiness import check_trt_readiness
-    from tome_export.targets.onnx import _io_spec, save_onnx
-
+def prepare(ctx: ExportContext) -> None:
+    """Before any export: the weights fit the device; ``--build-engine`` can be honoured here."""
     device = ctx.device
     check_memory_budget(ctx)
-    build_engine = getattr(ctx.options, "build_engine", False)
-    on_device = bool(device.get("engine_built_on_device", False))
-    if build_engine and on_device:
+    if ctx.options.build_engine and _built_on_device(ctx):
         raise UserError(
             f"{device.name} engines must be built on the device itself; drop --build-engine and run "
             "build_engine.sh from the bundle there"
         )
-    if build_engine and not tensorrt_available():
+    if ctx.options.build_engine and not tensorrt_available():
         raise BackendMissing(
             "--build-engine needs TensorRT's Python package (pip install 'tome-export[trt]' from NVIDIA's index); "
             "without --build-engine the ONNX graph and build scripts are still produced"
         )
-    with ctx.progress.step(f"exporting to ONNX for TensorRT (lowering {ctx.lowering}, opset {ctx.options.opset})"):
-        exported = export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
+
+
+def _built_on_device(ctx: ExportContext) -> bool:
+    return bool(ctx.device.get("engine_built_on_device", False))
+
+
+def graph_passes(ctx: ExportContext, exported: OnnxExport) -> None:
+    """Mark the plugin nodes; refuse a graph TensorRT's parser would not take (unless --no-trt-check)."""
+    from tome_export.graph_passes.trt_readiness import check_trt_readiness
+
     plugin_nodes = mark_plugin_nodes(exported.model)
-    trt_version = str(device.get("tensorrt", DEFAULT_TRT_VERSION))
+    trt_version = str(ctx.device.get("tensorrt", DEFAULT_TRT_VERSION))
     report = None
-    if getattr(ctx.options, "trt_check", True):
+    if ctx.options.trt_check:
         report = check_trt_readiness(exported.model, trt_version)
         ctx.progress.say(report.text())
         if not report.ready:
             raise UserError(f"the graph would not build with TensorRT {trt_version}:\n{report.text()}")
-    onnx_name = "model.onnx"
-    save_onnx(exported.model, ctx.bundle_dir / onnx_name)
-    graph = exported.model.graph
-    ctx.manifest.update(
+    ctx.manifest.setdefault("tensorrt", {}).update(
         {
-            "artifact": onnx_name,
-            "inputs": _io_spec(graph.input, exported.input_names),
-            "outputs": _io_spec(graph.output, exported.output_names),
-            "rewrites": exported.rewrites,
-            "precision": device.precision,
+            "readiness": report.to_dict() if report else {"skipped": True},
+            "plugins": [qualified_op(BIPARTITE_OP_TYPE)] if plugin_nodes else [],
+            "tensorrt_version_expected": trt_version,
         }
     )
-    if ctx.options.verify:
-        from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 
-        # Plugin nodes run the reference merge through onnxruntime-extensions (checks the
-        # graph around the plugin; the kernel itself is tested with Triton's interpreter).
-        runner = OnnxRuntimeRunner(exported.with_decisions)
-        runtime = "onnxruntime CPU" + (" + reference merge op" if plugin_nodes else "")
-        verify_against_eager(
-            ctx, runner.run, exported.input_names, exported.output_names, exported.decision_names, runtime
-        )
-    else:
-        ctx.manifest["verification"] = {"skipped": True}
+
+def verifier(ctx: ExportContext, exported: OnnxExport):
+    """ONNX Runtime CPU. Plugin nodes run the reference merge through onnxruntime-extensions
+    (checks the graph around the plugin; the kernel itself is tested with Triton's interpreter)."""
+    from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    runtime = "onnxruntime CPU" + (" + reference merge op" if exported.custom_domains else "")
+    return OnnxRuntimeRunner(exported.with_decisions), runtime
+
+
+def build_engine_or_scripts(ctx: ExportContext, exported: OnnxExport, onnx_name: str, runner=None) -> None:
+    """After the graph is verified: build scripts always, the engine where TensorRT is here."""
+    device = ctx.device
+    on_device = _built_on_device(ctx)
+    plugin_nodes = mark_plugin_nodes(exported.model)  # already marked: this only counts them
     scripts = write_build_scripts(ctx, onnx_name, plugin_nodes)
     info = ctx.manifest.setdefault("tensorrt", {})
     info.update(
         {
-            "readiness": report.to_dict() if report else {"skipped": True},
-            "plugins": ["tome_export::BipartiteMerge"] if plugin_nodes else [],
             "trtexec": shlex.join(trtexec_command(ctx, onnx_name, "model.plan")) if not plugin_nodes else None,
             "scripts": scripts,
             "engine": None,
             "engine_built_on_device": on_device,
-            "tensorrt_version_expected": trt_version,
         }
     )
     if tensorrt_available() and not on_device:
@@ -186,12 +191,13 @@ def build_tensorrt(ctx: ExportContext) -> None:
         )
 
 
-register_target(
-    Target(
-        name="trt",
-        description="TensorRT-ready ONNX (readiness-checked, verified) + engine or build scripts",
-        default_lowering="dense",
-        lowerings=("dense", "plugin"),
-        build=build_tensorrt,
-    )
+TARGET = Target(
+    name="trt",
+    description="TensorRT-ready ONNX (readiness-checked, verified) + engine or build scripts",
+    default_lowering="dense",
+    lowerings=("dense", "plugin"),
+    prepare=prepare,
+    graph_passes=graph_passes,
+    verifier=verifier,
+    build=build_engine_or_scripts,
 )

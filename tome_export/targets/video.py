@@ -1,8 +1,10 @@
 """Bundle steps for video diffusion models: TDTM variants and dynamic loading (ONNX target).
 
-- ``build_tdtm_variants``: one export command writes the merged graph (used in the first
-  ``merge_steps`` denoising steps) and the full graph (``model.onnx``, the later steps), each
-  verified against eager PyTorch in its mode, both referencing one ``weights.bin``.
+- ``build_tdtm_variants`` (the builder of methods whose record asks for variants): one
+  export command writes the merged graph (used in the first ``merge_steps`` denoising
+  steps) and the full graph (``model.onnx``, the later steps), each through the one
+  export path (``export_path.build_single``) in its mode, both referencing one
+  ``weights.bin``.
 - ``add_dynamic_loading``: splits every graph of the bundle into blocks for a memory budget
   (``blocks/``), checks the block-by-block run against the unsplit graph and records block
   order, files, sha256 and sizes in the manifest.
@@ -17,16 +19,17 @@ from tome_export.bundle import sha256_file
 from tome_export.errors import UserError, VerificationError
 from tome_export.graph_passes.external_data import save_sharing_weights
 from tome_export.graph_passes.split import format_bytes, parse_bytes, split_model, write_blocks
-from tome_export.targets import ExportContext, Target
+from tome_export.targets.base import ExportContext, Target
+from tome_export.targets.common import weight_bytes
+from tome_export.targets.export_path import MAIN_ARTIFACT, build_single
 
-MAIN_ARTIFACT = "model.onnx"
 MERGED_ARTIFACT = "model_merged.onnx"
 SHARED_WEIGHTS = "weights.bin"
 BLOCKS_DIR = "blocks"
 _VARIANT_FIELDS = ("artifact", "inputs", "outputs", "rewrites", "verification")
 
 
-def resolve_budget(dynamic_loading: bool, memory_budget: str | None, device_budget_mb: int | None) -> int | None:
+def resolve_budget(dynamic_loading: bool, memory_budget: str | None, device_budget_bytes: int | None) -> int | None:
     """Budget in bytes when dynamic loading is on (``--memory-budget`` or the device profile's)."""
     if not dynamic_loading:
         if memory_budget is not None:
@@ -34,8 +37,8 @@ def resolve_budget(dynamic_loading: bool, memory_budget: str | None, device_budg
         return None
     if memory_budget is not None:
         return parse_bytes(memory_budget)
-    if device_budget_mb:
-        return int(device_budget_mb) * 10**6
+    if device_budget_bytes:
+        return int(device_budget_bytes)
     raise UserError("--dynamic-loading needs a memory budget: pass --memory-budget like 512MB")
 
 
@@ -50,39 +53,30 @@ def check_budget_fits(model, budget_bytes: int) -> None:
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1]
     if not stacks:
         return
-
-    def nbytes(module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters())
-
-    name, stack = max(stacks, key=lambda item: nbytes(item[1]))
-    index, block = max(enumerate(stack), key=lambda item: nbytes(item[1]))
-    if nbytes(block) > budget_bytes:
+    # At the exported dtype, as the split pass counts the graph's initializers.
+    name, stack = max(stacks, key=lambda item: weight_bytes(item[1]))
+    index, block = max(enumerate(stack), key=lambda item: weight_bytes(item[1]))
+    if weight_bytes(block) > budget_bytes:
         raise UserError(
             f"memory budget {format_bytes(budget_bytes)} is smaller than block model.{name}.{index} "
-            f"of {format_bytes(nbytes(block))}; raise --memory-budget to at least that"
+            f"of {format_bytes(weight_bytes(block))}; raise --memory-budget to at least that"
         )
 
 
 def build_tdtm_variants(ctx: ExportContext, target: Target) -> None:
     """Export, verify and save the merged and the full variant sharing one weights file."""
     from tome_export.merging.tdtm import forced, tdtm_state
-    from tome_export.targets.onnx import export_and_verify_onnx
 
-    if target.name != "onnx":
-        raise UserError(
-            f"--method tdtm writes a merged and a full graph sharing weights; target {target.name!r} "
-            "does not support that yet, use --target onnx"
-        )
     state = tdtm_state(ctx.model)
     exported = {}
     variants = {}
     if state.merge_steps > 0:
         with forced(ctx.model, True):
-            exported[MERGED_ARTIFACT] = export_and_verify_onnx(ctx, MERGED_ARTIFACT, external_data=False).model
+            exported[MERGED_ARTIFACT] = build_single(ctx, target, MERGED_ARTIFACT, external_data=False).model
         variants["merged"] = {k: ctx.manifest.pop(k) for k in _VARIANT_FIELDS if k in ctx.manifest}
         variants["merged"]["steps"] = [0, state.merge_steps]
     with forced(ctx.model, False):
-        exported[MAIN_ARTIFACT] = export_and_verify_onnx(ctx, MAIN_ARTIFACT, external_data=False).model
+        exported[MAIN_ARTIFACT] = build_single(ctx, target, MAIN_ARTIFACT, external_data=False).model
     variants["full"] = {"artifact": MAIN_ARTIFACT, "steps": [state.merge_steps, state.num_steps]}
     if "verification" in ctx.manifest:
         variants["full"]["verification"] = ctx.manifest["verification"]
