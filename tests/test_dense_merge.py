@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tome_export.merging.bipartite import max_r, merge_tokens
-from tome_export.merging.dense import _ranks_descending, merge_tokens_dense
+from tome_export.merging.bipartite import max_r, merge_tokens, ranks_descending
+from tome_export.merging.dense import merge_tokens_dense
 
 
 @st.composite
@@ -38,7 +38,7 @@ def test_dense_merge_matches_reference(case, seed, with_ties, b_first):
 def test_ranks_are_a_stable_descending_sort():
     values = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.9]])
     order = torch.sort(values, descending=True, stable=True).indices
-    assert torch.equal(torch.argsort(_ranks_descending(values)), order)
+    assert torch.equal(torch.argsort(ranks_descending(values)), order)
 
 
 def test_export_dense_has_no_scatter_or_sort():

@@ -285,7 +285,7 @@ def test_method_records_carry_what_is_method_specific(tmp_path):
     from tome_export.pipeline import export
     from tome_export.targets import TARGETS
 
-    assert set(METHODS) == {"tome", "tomesd", "tdtm", "none"}
+    assert set(METHODS) == {"tome", "tomesd", "tdtm", "todo", "none"}
     assert [m.name for m in METHODS.values() if m.variants] == ["tdtm"]
     assert [m.name for m in METHODS.values() if m.graph_insertion] == ["tome"]
     cases = [

@@ -78,7 +78,17 @@ def main() -> None:
 @click.option("--ratio", type=float, default=None, help="tomesd: fraction of tokens merged (default 0.5).")
 @click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
 @click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
-@click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
+@click.option(
+    "--max-downsample",
+    type=int,
+    default=1,
+    show_default=True,
+    help="tomesd/todo: patch blocks up to this downsampling.",
+)
+@click.option(
+    "--downsample", type=float, default=None, help="todo: key/value downsampling factor per side (default 2)."
+)
+@click.option("--component", default=None, help="MODEL is a diffusers pipeline folder: its component (default unet).")
 @click.option(
     "--protected",
     type=click.IntRange(0),
@@ -162,7 +172,19 @@ def _sweep_values(text: str | None) -> list[int] | None:
 @json_option("the records")
 @quiet_option
 def profile_command(
-    bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, trust_source, source, as_json, quiet
+    bundle,
+    device,
+    runs,
+    warmup,
+    batch_sizes,
+    sweep,
+    db,
+    no_fidelity,
+    trust_pickle,
+    trust_source,
+    source,
+    as_json,
+    quiet,
 ):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
@@ -174,7 +196,17 @@ def profile_command(
     sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity, trust_source, source
+            bundle,
+            device,
+            runs,
+            warmup,
+            sizes,
+            sweep_values,
+            progress,
+            trust_pickle,
+            not no_fidelity,
+            trust_source,
+            source,
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")

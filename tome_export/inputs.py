@@ -53,7 +53,7 @@ def padding_mask(shape: Sequence[int], generator: torch.Generator, dtype: torch.
 
 def make_input(shape: Sequence[int], spec: dict | None, generator: torch.Generator) -> torch.Tensor:
     if not spec:
-        return torch.randn(*shape, generator=generator)
+        return torch.randn(tuple(shape), generator=generator)  # a tuple: () is a 0-dim input
     dtype = _dtype(spec.get("dtype", "float32"))
     if "value" in spec:
         return torch.full(tuple(shape), spec["value"], dtype=dtype)
@@ -61,7 +61,7 @@ def make_input(shape: Sequence[int], spec: dict | None, generator: torch.Generat
         return padding_mask(shape, generator, dtype)
     if not dtype.is_floating_point:
         return torch.randint(int(spec.get("low", 0)), int(spec["high"]), tuple(shape), generator=generator, dtype=dtype)
-    return torch.randn(*shape, generator=generator).to(dtype)
+    return torch.randn(tuple(shape), generator=generator).to(dtype)
 
 
 def make_inputs(model: nn.Module | None, shapes: Sequence[Sequence[int]], seed: int) -> tuple[torch.Tensor, ...]:

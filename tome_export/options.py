@@ -42,11 +42,14 @@ class ExportOptions:
     sx: int = 2
     sy: int = 2
     max_downsample: int = 1
+    downsample: float | None = None  # todo: key/value downsampling factor per side (default 2)
+    component: str | None = None  # a diffusers pipeline folder as MODEL: which component (default unet)
     protected: int | None = None  # graph-level insertion: prefix tokens never merged (None: detect)
     merge_steps: int | None = None  # tdtm: denoising steps that use the merged graph
     num_steps: int | None = None  # tdtm: total denoising steps (default 30)
     dynamic_loading: bool = False
     memory_budget: str | None = None  # e.g. "512MB"; default: the device profile's
+    external_data_threshold: int | None = None  # weights bytes over which they go to model.onnx.data (None: ~1.8 GB)
     force: bool = False  # replace an -o folder tome-export did not write (kept aside, not deleted)
 
     @classmethod

@@ -71,7 +71,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     budget = resolve_budget(options.dynamic_loading, options.memory_budget, device.memory_budget_bytes)
     if options.input_shape is not None:
         input_shapes = parse_input_shape(options.input_shape)
-    loaded = load_model(options.model, options.weights, options.trust_pickle)
+    loaded = load_model(options.model, options.weights, options.trust_pickle, options.component)
     if options.input_shape is None:
         input_shapes = default_input_shapes(loaded.module) or (
             [loaded.default_input_shape] if loaded.default_input_shape else None
@@ -92,6 +92,12 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         expected = loaded.default_input_shape
         hint = f"; the model expects {','.join(map(str, expected))}" if expected else ""
         raise UserError(f"{options.model} rejects input shape {input_shapes}: {first_line(exc)}{hint}") from None
+    state = merge_state(model)
+    if method.name in ("tomesd", "todo") and state is not None and not state.tokens_per_layer:
+        raise UserError(
+            f"method {method.name!r} found no transformer block at downsampling ≤ {options.max_downsample} in "
+            f"{options.model}; raise --max-downsample (SDXL's first attention level is 2)"
+        )
     writer = BundleWriter(out, force=options.force)
     with writer as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tome_export.exporter.tracer import stable_sorts
 from tome_export.inputs import make_inputs
 from tome_export.merging import merge_state
 from tome_export.merging.pinning import forced_decisions
@@ -44,6 +45,9 @@ class Verification:
     runtime: str = "onnxruntime"
     # Filled with pin_decisions: {"max_abs_err", "cosine", "max_tie_gap", "tie_tol", "diagnosis"}
     pinned: dict | None = None
+    # Eager sorts run stable (exact ties in the exported graph's order; tracer.stable_sorts):
+    # how many, and in how many the unstable kernel's tie order differed.
+    exact_ties: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +60,14 @@ class Verification:
             f"(tolerance {self.atol:g}), cosine {self.cosine:.6f}, "
             f"merge decisions agree {agreement:.2%} (worst layer)"
         )
+        differing = [f"{i} ({a:.2%})" for i, a in enumerate(self.decision_agreement) if a < 1.0]
+        if differing and not self.passed:
+            text += f"; decisions differ in merging layers {', '.join(differing[:8])}"
+        if self.exact_ties.get("tie_order_differed"):
+            text += (
+                f"; {self.exact_ties['tie_order_differed']} eager sorts had exact ties, "
+                "ordered as the exported graph orders them (stable)"
+            )
         if self.pinned is not None:
             text += (
                 f"; pinned to the backend's decisions: max abs err {self.pinned['max_abs_err']:.3g}, "
@@ -97,11 +109,14 @@ def verify(
     worst_err, worst_output, worst_cos = 0.0, output_names[0], 1.0
     pinned_err, pinned_cos, max_gap, invalid = 0.0, 1.0, 0.0, None
     agreement = [1.0] * len(decision_names)
+    made_stable = tie_order_changed = 0
     seeds = list(seeds)
     for seed in seeds:
         inputs = make_inputs(model, input_shapes, seed)
-        with torch.no_grad():
+        with torch.no_grad(), stable_sorts() as sorts:
             eager = model(*inputs)
+        made_stable += sorts.made_stable
+        tie_order_changed += sorts.tie_order_changed
         eager_outs = [t for _, t in flatten_outputs(eager)]
         state = merge_state(model)
         eager_slots = [s.numpy() for s in state.slots] if state is not None else []
@@ -117,7 +132,8 @@ def verify(
                 agreement[layer] = min(agreement[layer], float((got[name] == eager_slots[layer]).mean()))
         if pin_decisions:
             try:
-                with torch.no_grad(), forced_decisions([got[name] for name in decision_names]) as forced:
+                slot_maps = [got[name] for name in decision_names]
+                with torch.no_grad(), stable_sorts(), forced_decisions(slot_maps) as forced:
                     pinned = model(*inputs)
             except ValueError as exc:  # the graph's slot maps are no merge decision at all
                 invalid = str(exc)
@@ -154,4 +170,7 @@ def verify(
         if invalid:
             pinned_report["invalid_decisions"] = invalid
         passed = diagnosis in ("match", "decision_flip")
-    return Verification(passed, atol, worst_err, worst_cos, worst_output, agreement, seeds, runtime, pinned_report)
+    exact_ties = {"eager_sorts_made_stable": made_stable, "tie_order_differed": tie_order_changed}
+    return Verification(
+        passed, atol, worst_err, worst_cos, worst_output, agreement, seeds, runtime, pinned_report, exact_ties
+    )

@@ -286,8 +286,17 @@ def program_input_specs(program: torch.export.ExportedProgram) -> list[dict | No
     return specs
 
 
-def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+def load_model(
+    spec: str, weights: str | None = None, trust_pickle: bool = False, component: str | None = None
+) -> LoadedModel:
     """Load MODEL as the CLI accepts it. Raises UserError with a one-line reason."""
+    from tome_export.exporter import diffusers_source
+
+    if diffusers_source.is_diffusers_folder(spec):  # a diffusers pipeline or UNet folder
+        module = diffusers_source.load_folder(spec, component)
+        return LoadedModel(module, Path(spec).resolve().name, spec, None)
+    if component is not None:
+        raise UserError("--component applies to a diffusers pipeline folder (model_index.json + unet/) as MODEL")
     if spec.endswith(".pt2") and (Path(spec).exists() or ":" not in spec):
         if weights:
             raise UserError("--weights does not apply to a .pt2 archive: it carries its own weights")
@@ -320,5 +329,5 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
             module.load_state_dict(state)
         except Exception as exc:
             raise UserError(f"--weights {weights} does not fit MODEL {spec!r}: {_error_summary(exc)}") from None
-    module.eval()
+    module = diffusers_source.adapt(module).eval()  # a raw diffusers UNet: tensor inputs and output
     return LoadedModel(module, short, spec, default_input_shape(module))

@@ -6,7 +6,8 @@ The table below is the only place lowerings are declared — complete whatever m
 imported first; the translations live in their own modules:
 
 - ``scatter`` (``scatter_lowering.py``, ``tomesd_lowering.py``): GatherElements +
-  ScatterND(reduction="add"), then divide. Best on ONNX Runtime.
+  ScatterElements(reduction="add"), then divide. Best on ONNX Runtime (not ScatterND: its
+  CPU kernel races on duplicate indices; onnx-tensorrt rejects both: TensorRT uses ``dense``).
 - ``dense`` (``dense_lowering.py``, ``tomesd_lowering.py``): one-hot matrices and MatMul,
   no Scatter, no GatherElements; O(N²·C), for TensorRT without plugins and the Neural Engine.
 - ``plugin`` (``plugin_lowering.py``): one ``tome_export.BipartiteMerge`` /
@@ -49,7 +50,7 @@ LOWERINGS: dict[str, Lowering] = {
     for lowering in (
         Lowering(
             "scatter",
-            "GatherElements + ScatterND(add) of size-weighted rows, then divide (ONNX Runtime)",
+            "GatherElements + ScatterElements(add) of size-weighted rows, then divide (ONNX Runtime)",
             {BIPARTITE_MERGE: merge_scatter, TOMESD_MERGE: tomesd_merge_scatter},
         ),
         Lowering(

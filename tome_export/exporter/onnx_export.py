@@ -9,13 +9,16 @@ the graph verification runs, and this export's own log (rewrites, lowering notes
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import io
 import logging
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -25,6 +28,7 @@ from tome_export.exporter import aten_fixes, tracer
 from tome_export.exporter.export_log import ExportLog, recording
 from tome_export.exporter.lowerings import LOWERINGS, get_lowering
 from tome_export.graph_passes import drop_outputs
+from tome_export.graph_passes.external_data import EXTERNAL_DATA_THRESHOLD, externalize, ir_initializer_bytes
 from tome_export.merging import merge_state
 from tome_export.merging.ops import OP_NAMESPACE, merge_op_overloads
 
@@ -58,6 +62,9 @@ class OnnxExport:
     rewrites: list[dict] = field(default_factory=list)
     lowering_notes: list[dict] = field(default_factory=list)  # e.g. the dense lowering's cost per merge
     custom_domains: list[str] = field(default_factory=list)  # non-ONNX domains the graph needs a runtime for
+    # Set when the weights went to an external file (graph_passes.external_data): its path.
+    # Both protos then reference it by name and must be saved (or run) next to it.
+    external_data: Path | None = None
 
 
 def input_names_for(model: nn.Module, count: int) -> list[str]:
@@ -118,11 +125,16 @@ def export_onnx(
     lowering: str = "scatter",
     opset: int = DEFAULT_OPSET,
     program: torch.export.ExportedProgram | None = None,
+    external_data: Path | None = None,
+    external_threshold: int | None = None,
 ) -> OnnxExport:
     """Export ``model`` (eval mode, static shapes) to ONNX with the merge lowered as asked.
 
     ``program``: an ``ExportedProgram`` of ``WithDecisions(model)`` made elsewhere (Core ML
-    lowers merges to dense ATen ops in torch first); default: torch.export of the model."""
+    lowers merges to dense ATen ops in torch first); default: torch.export of the model.
+    ``external_data``: when the weights exceed ``external_threshold`` bytes (default
+    ``EXTERNAL_DATA_THRESHOLD``, under protobuf's 2 GB), stream them to that file instead
+    of the proto (see ``graph_passes.external_data``)."""
     model.eval()
     from tome_export.outputs import output_names as flat_output_names
 
@@ -148,7 +160,15 @@ def export_onnx(
             optimize=True,
             verbose=False,
         )
-    full = onnx_program.model_proto
+    del exported_program, program
+    threshold = EXTERNAL_DATA_THRESHOLD if external_threshold is None else external_threshold
+    if external_data is not None and ir_initializer_bytes(onnx_program.model) > threshold:
+        externalize(onnx_program.model, Path(external_data))
+    else:
+        external_data = None
+    full = ir.serde.serialize_model(onnx_program.model)
+    del onnx_program
+    gc.collect()
     shipped = drop_outputs(full, set(decision_names)) if decision_names else full
     return OnnxExport(
         model=shipped,
@@ -159,4 +179,5 @@ def export_onnx(
         rewrites=tracer_rewrites + log.rewrites,
         lowering_notes=log.notes,
         custom_domains=sorted({o.domain for o in shipped.opset_import} & set(get_lowering(lowering).custom_domains)),
+        external_data=Path(external_data) if external_data is not None else None,
     )

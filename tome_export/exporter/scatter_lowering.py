@@ -1,8 +1,9 @@
-"""The ``scatter`` lowering of ``tome_export::bipartite_merge``: gathers and ScatterND(add).
+"""The ``scatter`` lowering of ``tome_export::bipartite_merge``: gathers and ScatterElements(add).
 
-GatherElements + ScatterND(reduction="add") of whole rows of size-weighted values and
-sizes, then divide: the mean, duplicates included. Best on ONNX Runtime (onnx-tensorrt
-rejects ScatterND with a reduction: TensorRT uses ``dense``). ``match`` is the bipartite
+GatherElements + ScatterElements(reduction="add") of size-weighted values and sizes, then
+divide: the mean, duplicates included (not ScatterND: ONNX Runtime's CPU kernel races on
+duplicate indices). Best on ONNX Runtime (onnx-tensorrt rejects Scatter ops with a
+reduction: TensorRT uses ``dense``). ``match`` is the bipartite
 matching with the eager tie-breaking (TopK over the best edge per A token).
 """
 
@@ -72,16 +73,10 @@ def merge_scatter(metric, x, size, r: int, protected: int, b_first: bool = False
     width, kept = channels + 1, ab_counts(num_tokens - protected, b_first)[0] - r
     src = op.GatherElements(za, along_channels(src_idx, batch, r, width), axis=1)
     unm = op.GatherElements(za, along_channels(unm_idx, batch, kept, width), axis=1)
-    # ScatterND over whole rows: same sums as ScatterElements(add) on every element, but
-    # ~100× faster on ONNX Runtime CPU at N=4096 (0.4 vs 47 ms for 2048 rows of 321).
-    batch_idx = op.Expand(
-        op.Unsqueeze(
-            op.Range(op.Constant(value_int=0), op.Constant(value_int=batch), op.Constant(value_int=1)), ints(1)
-        ),
-        ints(batch, r),
-    )
-    rows = op.Concat(op.Unsqueeze(batch_idx, ints(2)), op.Unsqueeze(dst_idx, ints(2)), axis=2)  # (B, r, 2)
-    dst = op.ScatterND(zb, rows, src, reduction="add")
+    # ScatterElements(add), not ScatterND(add): ONNX Runtime's CPU ScatterND adds duplicate
+    # destination rows from several threads unsynchronised once the merge is large enough
+    # (onnxruntime#18048; measured: SD-scale tomesd, and 1 of 200 runs at 1024 rows of 385).
+    dst = op.ScatterElements(zb, along_channels(dst_idx, batch, r, width), src, axis=1, reduction="add")
     merged_x, merged_size = finish(op.Concat(unm, dst, axis=1), x, size, channels, protected)
     slot = slots_graph(unm_idx, src_idx, dst_idx, batch, num_tokens, protected, r, b_first)
     return merged_x, merged_size, slot

@@ -4,12 +4,13 @@ The source/destination partition is fixed at export time, so it is computed here
 Python (the same ``partition`` the eager op uses) and embedded as constant indices. Both
 translations are entries of the ``LOWERINGS`` table (``lowerings.py``).
 
-- ``scatter``: Gather the partition, TopK matching, then whole token rows moved with
-  GatherND(batch_dims=1) and ScatterND(reduction="add") for the values and for a count per
-  destination, then divide. (ScatterND with a reduction is ONNX Runtime's fast path; it
-  is not for TensorRT — the ``dense`` lowering is.)
-- ``dense``: the same matching, then one-hot assignment matrices and MatMul — no
-  Scatter, no GatherElements. O(N²·C).
+- ``scatter``: Gather the partition, TopK matching, whole source rows gathered with
+  GatherND(batch_dims=1), summed into their destinations with ScatterElements(add) (values
+  and a count per destination), then divide. Not ScatterND(add): ONNX Runtime adds its
+  duplicate indices from several threads without synchronisation. (Not for TensorRT —
+  the ``dense`` lowering is.)
+- ``dense``: the same matching, then one-hot
+  assignment matrices and MatMul — no Scatter, no GatherElements. O(N²·C).
 """
 
 from __future__ import annotations
@@ -74,30 +75,23 @@ def _ones(like, *shape: int):
     return op.Expand(op.CastLike(op.Constant(value_float=1.0), like), ints(*shape))
 
 
-def _batch_rows(index, batch: int, count: int):
-    """(B, K) token indices → (B, K, 2) [batch, token] index pairs for ScatterND."""
-    batch_ids = op.Expand(
-        op.Reshape(
-            op.Range(op.Constant(value_int=0), op.Constant(value_int=batch), op.Constant(value_int=1)),
-            ints(batch, 1, 1),
-        ),
-        ints(batch, count, 1),
-    )
-    return op.Concat(batch_ids, op.Unsqueeze(index, ints(2)), axis=2)
-
-
 def tomesd_merge_scatter(metric, x, h: int, w: int, sx: int, sy: int, r: int, seed: int):
     g = _geometry(x, h, w, sx, sy, r, seed)
-    batch, kept, num_a, num_b = g["batch"], g["kept"], g["num_a"], g["num_b"]
+    batch, kept, num_a, num_b, channels = g["batch"], g["kept"], g["num_a"], g["num_b"], g["channels"]
     src_idx, unm_idx, dst_idx = _match(metric, g, r)
     xa = op.Gather(x, g["a_idx"], axis=1)
     xb = op.Gather(x, g["b_idx"], axis=1)
     # Whole token rows: GatherND(batch_dims=1) and ScatterND(add) copy C values per index,
     # where GatherElements/ScatterElements index every element (several times slower on ORT).
     src = op.GatherND(xa, op.Unsqueeze(src_idx, ints(2)), batch_dims=1)
-    dst_rows = _batch_rows(dst_idx, batch, r)
-    sums = op.ScatterND(xb, dst_rows, src, reduction="add")
-    counts = op.ScatterND(_ones(x, batch, num_b, 1), dst_rows, _ones(x, batch, r, 1), reduction="add")
+    # ScatterElements(add), not ScatterND(add): ONNX Runtime's CPU ScatterND splits the
+    # index rows over threads and adds duplicate destinations without synchronisation —
+    # at N=4096, r=2048 two threads lose updates (max abs err 0.4–0.7 with identical
+    # decisions, varying from run to run; onnxruntime#18048, #23396). ScatterElements
+    # runs one thread and costs ~4 ms more at that size.
+    dst_unsq = op.Unsqueeze(dst_idx, ints(2))
+    sums = op.ScatterElements(xb, op.Expand(dst_unsq, ints(batch, r, channels)), src, axis=1, reduction="add")
+    counts = op.ScatterElements(_ones(x, batch, num_b, 1), dst_unsq, _ones(x, batch, r, 1), axis=1, reduction="add")
     dst = op.Div(sums, counts)
     zeros_a = op.Expand(op.Constant(value_int=0), ints(batch, num_a))
     dst_slots = op.Add(dst_idx, op.Constant(value_int=kept))

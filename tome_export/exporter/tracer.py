@@ -18,6 +18,10 @@ exporter translates correctly:
   the one ONNX TopK produces (lower index first), so the rewritten graph says what the
   exported graph does.
 
+Eager side of the same decision: :func:`stable_sorts` runs eager code with every
+unstable sort/argsort/topk made stable, so the eager reference breaks exact ties the way
+the exported graph does (verification uses it; see docs/diffusion.md, "Exact ties").
+
 Each rewrite is reported (node, op, what it became). What cannot be rewritten exactly —
 ``mean`` over an integer tensor (PyTorch floors), an unknown reduction — is refused with
 a :class:`UserError` naming the node.
@@ -25,11 +29,14 @@ a :class:`UserError` naming the node.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.overrides import TorchFunctionMode
 
 from tome_export.errors import UserError
 
@@ -190,6 +197,72 @@ def rewrite_program(program: torch.export.ExportedProgram) -> list[dict]:
         module.graph.lint()
         module.recompile()
     return rewrites
+
+
+# -- the eager side: unstable sorts made stable while verifying -------------------------
+
+_SORTS = {torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort}
+_TOPKS = {torch.topk, torch.Tensor.topk}
+
+
+def _sort_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, int, bool]:
+    x, rest = args[0], list(args[1:])
+    dim = rest.pop(0) if rest else kwargs.get("dim", -1)
+    descending = rest.pop(0) if rest else kwargs.get("descending", False)
+    return x, int(dim), bool(descending)
+
+
+@dataclass
+class StableSortCounts:
+    """What :func:`stable_sorts` saw: sorts it made stable, and how many of them the
+    unstable kernel would have ordered differently (exact ties in different order)."""
+
+    made_stable: int = 0
+    tie_order_changed: int = 0
+
+
+class _StableSorts(TorchFunctionMode):
+    def __init__(self, counts: StableSortCounts) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _SORTS and not kwargs.get("stable") and isinstance(args[0], torch.Tensor):
+            x, dim, descending = _sort_args(args, kwargs)
+            unstable = func(x, dim=dim, descending=descending)
+            stable = func(x, dim=dim, descending=descending, stable=True)
+            self._count(unstable, stable)
+            return stable
+        if func in _TOPKS and isinstance(args[0], torch.Tensor):
+            # ONNX TopK puts equal values lower index first: the stable sort's prefix.
+            x, rest = args[0], list(args[1:])
+            k = rest.pop(0) if rest else kwargs["k"]
+            dim = rest.pop(0) if rest else kwargs.get("dim", -1)
+            largest = rest.pop(0) if rest else kwargs.get("largest", True)
+            values, indices = torch.sort(x, dim=dim, descending=bool(largest), stable=True)
+            picked = values.narrow(dim, 0, int(k)), indices.narrow(dim, 0, int(k))
+            unstable = func(*args, **kwargs)
+            self._count(unstable.indices, picked[1])
+            return torch.return_types.topk(picked)
+        return func(*args, **kwargs)
+
+    def _count(self, unstable, stable) -> None:
+        unstable = unstable if isinstance(unstable, torch.Tensor) else unstable[1]  # (values, indices)
+        stable = stable if isinstance(stable, torch.Tensor) else stable[1]
+        self.counts.made_stable += 1
+        self.counts.tie_order_changed += int(not torch.equal(unstable, stable))
+
+
+@contextlib.contextmanager
+def stable_sorts() -> Iterator[StableSortCounts]:
+    """Within the block, ``sort``/``argsort`` with ``stable=False`` and ``topk`` return the
+    stable order (equal values lower index first) — what the exported graph computes
+    after :func:`_unstable_sort`. An unstable sort may order exact ties any way, so this
+    is one of the results eager could give; it makes the eager reference deterministic."""
+    counts = StableSortCounts()
+    with _StableSorts(counts):
+        yield counts
 
 
 def rewritten_targets() -> list[str]:

@@ -1,6 +1,12 @@
-"""Save ONNX graphs whose large initializers live in a shared external-data file.
+"""ONNX weights outside the graph: models over protobuf's 2 GB limit, and shared weights.
 
-Several graphs (TDTM's merged and full variants, or the same block of both) point into one
+- :func:`externalize`: stream every initializer of an exported (onnx_ir) model into one
+  weights file next to the graph, tensor by tensor, so a model over 2 GB is never one
+  protobuf message and no second in-memory copy of the weights is made. The graph proto
+  that remains is small and references the file (``location`` relative to the graph).
+  Used when a model's initializers exceed ``EXTERNAL_DATA_THRESHOLD`` bytes (a parameter:
+  tests force the same path with a small threshold).
+- :class:`SharedWeightsFile`: several graphs (TDTM's merged and full variants, or the same block of both) point into one
 weights file: a tensor whose bytes are already in the file is referenced at its offset
 instead of written again, so identical weights are stored once on disk and graphs stay
 small. Offsets are page-aligned so ONNX Runtime may memory-map them.
@@ -19,6 +25,50 @@ from onnx.external_data_helper import set_external_data
 
 ALIGN = 4096
 MIN_EXTERNAL_BYTES = 1024
+# Initializer bytes above which a graph's weights go to an external file: protobuf refuses
+# to serialise messages of 2 GiB and more; the graph itself needs some room too.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def ir_initializer_bytes(model) -> int:
+    """Total bytes of an onnx_ir model's initializers (main graph and subgraphs)."""
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def externalize(model, weights_path: Path, min_tensor_bytes: int = MIN_EXTERNAL_BYTES):
+    """Write ``model``'s (onnx_ir) initializers of at least ``min_tensor_bytes`` to
+    ``weights_path``, one tensor at a time, page-aligned; the model's tensors then reference
+    that file (relative location = its name, so the graph must be saved next to it).
+    Returns the model."""
+    import onnx_ir as ir
+
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    return ir.external_data.unload_from_model(
+        model,
+        weights_path.parent,
+        weights_path.name,
+        size_threshold_bytes=min_tensor_bytes,
+        alignment=ALIGN,
+        align_threshold=0,
+    )
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def external_files(model: onnx.ModelProto) -> list[str]:
+    """The external-data locations a graph proto references (relative paths)."""
+    files = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            files.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(files)
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> bytes:

@@ -2,7 +2,7 @@
 
 ``apply(model, method, **options)`` patches a model in place; the patched eager model is
 the reference every export is verified against. The methods (``tome``, ``tomesd``,
-``tdtm``, ``none``) are the :class:`~tome_export.merging.methods.Method` records of
+``tdtm``, ``todo``, ``none``) are the :class:`~tome_export.merging.methods.Method` records of
 ``METHODS`` in ``methods.py``; importing this package also defines the merge custom ops
 (``ops.py``) that the exporter lowers.
 """

@@ -147,3 +147,16 @@ def merge_tokens(
     decision = match(metric, r, protected, b_first)
     merged_x, merged_size = merge_weighted(decision, x, size)
     return merged_x, merged_size, slots(decision)
+
+
+def ranks_descending(values: torch.Tensor) -> torch.Tensor:
+    """Position of every entry in a stable descending sort, by counting (no sort op).
+
+    rank_i = #{j: v_j > v_i} + #{j < i: v_j == v_i}, the tie-break of a stable sort."""
+    count = values.shape[-1]
+    vi, vj = values[..., :, None], values[..., None, :]
+    index = torch.arange(count, device=values.device)
+    earlier = index[None, :] < index[:, None]  # [i, j]: j comes before i
+    # logical_* rather than |/&: coremltools converts those, not aten.bitwise_*.
+    beats = torch.logical_or(vj > vi, torch.logical_and(vj == vi, earlier))
+    return beats.to(torch.int64).sum(-1)

@@ -13,20 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tome_export.merging.bipartite import max_r, split_ab
-
-
-def _ranks_descending(values: torch.Tensor) -> torch.Tensor:
-    """Position of every entry in a stable descending sort, by counting (no sort op).
-
-    rank_i = #{j: v_j > v_i} + #{j < i: v_j == v_i}, the tie-break of a stable sort."""
-    count = values.shape[-1]
-    vi, vj = values[..., :, None], values[..., None, :]
-    index = torch.arange(count, device=values.device)
-    earlier = index[None, :] < index[:, None]  # [i, j]: j comes before i
-    # logical_* rather than |/&: coremltools converts those, not aten.bitwise_*.
-    beats = torch.logical_or(vj > vi, torch.logical_and(vj == vi, earlier))
-    return beats.to(torch.int64).sum(-1)
+from tome_export.merging.bipartite import max_r, ranks_descending, split_ab
 
 
 def merge_tokens_dense(
@@ -44,7 +31,7 @@ def merge_tokens_dense(
     kept = num_a - r
     scores = a @ b.transpose(-1, -2)
     node_max, node_idx = scores.max(dim=-1)
-    is_src = _ranks_descending(node_max) < r  # (B, Na)
+    is_src = ranks_descending(node_max) < r  # (B, Na)
     is_kept = torch.logical_not(is_src)
     # Output position among kept A tokens: ascending original order, like the eager sort.
     kept_pos = torch.cumsum(is_kept.to(torch.int64), dim=-1) - 1
@@ -84,8 +71,10 @@ def dense_decompositions() -> dict:
 
 def export_dense(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """torch.export the model, then lower every merge to dense ATen ops (no scatter)."""
+    from tome_export.merging.tomesd import dense_merges  # tomesd merges traced as dense ops directly
+
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), dense_merges():
         program = torch.export.export(model, tuple(example_inputs))
     return program.run_decompositions(dense_decompositions())
 

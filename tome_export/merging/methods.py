@@ -17,6 +17,7 @@ from torch import nn
 from tome_export.errors import UserError
 from tome_export.merging import schedule as schedules
 from tome_export.merging.tdtm import apply_tdtm
+from tome_export.merging.todo import apply_todo, check_todo_options
 from tome_export.merging.tome import apply_tome
 from tome_export.merging.tomesd import apply_tomesd, check_tomesd_options
 from tome_export.options import ExportOptions
@@ -76,6 +77,14 @@ def _tdtm_options(options: ExportOptions) -> tuple[str, dict]:
     return "tdtm", {"merge_steps": options.merge_steps, "num_steps": num_steps}
 
 
+def _todo_options(options: ExportOptions) -> tuple[str, dict]:
+    if options.r is not None or options.schedule or options.ratio is not None:
+        raise UserError("method 'todo' takes --downsample (key/value factor per side), not --r/--schedule/--ratio")
+    factor = 2.0 if options.downsample is None else options.downsample
+    check_todo_options(factor, options.max_downsample)  # before loading the model
+    return "todo", {"downsample": factor, "max_downsample": options.max_downsample}
+
+
 def _no_options(options: ExportOptions) -> tuple[str, dict]:
     if options.r is not None or options.schedule:
         raise UserError(f"--r/--schedule apply to method 'tome', not {options.method!r}")
@@ -113,6 +122,14 @@ METHODS: dict[str, Method] = {
             lambda opts: "tdtm",
             own_options={"merge_steps": "--merge-steps", "num_steps": "--num-steps"},
             variants=True,
+        ),
+        Method(
+            "todo",
+            "ToDo: attention keys/values downsampled in a diffusion UNet's high-resolution blocks",
+            apply_todo,
+            _todo_options,
+            lambda opts: f"todo-{opts['downsample']:g}",
+            own_options={"downsample": "--downsample"},
         ),
         Method("none", "no merging (the unmerged baseline)", _apply_none, _no_options, lambda opts: "none"),
     )

@@ -106,10 +106,16 @@ def io_spec(graph_values, names: list[str]) -> list[dict]:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Saves with external data past protobuf's 2 GB limit."""
+    """Saves the graph (external data past protobuf's 2 GB limit); a graph whose weights are
+    external already (``export_onnx`` with ``external_data``) is small and sits next to them."""
     import onnx
 
-    large = model.ByteSize() > 1_800_000_000
+    from tome_export.graph_passes.external_data import EXTERNAL_DATA_THRESHOLD, uses_external_data
+
+    if uses_external_data(model):
+        onnx.save_model(model, str(path))
+        return
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
 
 

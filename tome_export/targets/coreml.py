@@ -29,6 +29,7 @@ from tome_export.targets.coreml_mil import (
     audit_neural_engine,
     convert_program,
     program_structure,
+    refusing,
     require_coremltools,
 )
 
@@ -45,7 +46,7 @@ def export_standin(ctx: ExportContext) -> OnnxExport:
     from tome_export.merging.dense import export_dense
 
     inputs = ctx.example_inputs()
-    program = export_dense(WithDecisions(ctx.model), inputs)
+    program = refusing("torch.export with dense merges", export_dense, WithDecisions(ctx.model), inputs)
     return export_onnx(ctx.model, inputs, ctx.lowering, ctx.options.opset, program=program)
 
 
@@ -68,7 +69,7 @@ def build_mlpackages(ctx: ExportContext, exported: OnnxExport, onnx_name: str, r
     device = ctx.device
     inputs = ctx.example_inputs()
     with ctx.progress.step("torch.export with the merge lowered to dense ops (no scatter)"):
-        program = export_dense(ctx.model, inputs)
+        program = refusing("torch.export with dense merges", export_dense, ctx.model, inputs)
     limit_mb = ctx.options.chunk_mb or device.get("max_weights_per_chunk_mb")
     total = weight_bytes(ctx.model, device.precision)
     pieces: list[tuple[str, torch.export.ExportedProgram, int]] = []
@@ -86,7 +87,7 @@ def build_mlpackages(ctx: ExportContext, exported: OnnxExport, onnx_name: str, r
     converted = []
     for filename, piece, nbytes in pieces:
         with ctx.progress.step(f"converting to Core ML mlprogram ({filename})"):
-            mlmodel = convert_program(piece, device)
+            mlmodel = refusing("coremltools conversion", convert_program, piece, device)
         structure = program_structure(mlmodel)
         if structure["scatter_ops"]:
             raise VerificationError(f"{filename}: converted program still has scatter ops")

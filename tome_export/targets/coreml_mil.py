@@ -3,7 +3,8 @@
 - :func:`convert_program`: a dense-lowered ``ExportedProgram`` → mlprogram with the device
   profile's precision, compute units and deployment target (converter errors as one line);
 - :func:`program_structure`: the converted model's inputs/outputs and scatter ops left;
-- :func:`audit_neural_engine`: MIL ops that commonly fall off the Neural Engine.
+- :func:`audit_neural_engine`: MIL ops that commonly fall off the Neural Engine;
+- :func:`refusing`: runs a torch.export/coremltools step, any failure as a one-line refusal.
 Needs coremltools (``tome-export[coreml]``); nothing here needs macOS.
 """
 
@@ -118,6 +119,19 @@ def program_structure(mlmodel) -> dict:
         "outputs": shapes(spec.description.output),
         "scatter_ops": sum(o.op_type in SCATTER_OPS for o in mil_operations(mlmodel)),
     }
+
+
+def refusing(step: str, fn, *args):
+    """``fn(*args)``; a torch.export/coremltools failure becomes one line, not a traceback."""
+    try:
+        return fn(*args)
+    except (UserError, BackendMissing):
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"--target coreml refuses this model: {step} failed ({type(exc).__name__}: {first_line(exc)[:300]}); "
+            "export it with --target onnx"
+        ) from None
 
 
 def convert_program(program: torch.export.ExportedProgram, device, input_names: list[str] | None = None):

@@ -7,11 +7,17 @@ lowering notes, custom domains) — and :func:`build_single` adds the target's b
 scripts, converted models) after it. TDTM's merged + full variants
 (``targets/video.py``) call the same function once per variant. A target changes the
 path only through the hooks of its :class:`~tome_export.targets.base.Target` record.
+
+Weights over ``ExportOptions.external_data_threshold`` (default under protobuf's 2 GB) go
+to ``{artifact}.data`` beside the graph (listed and checksummed like every artifact); such
+a graph verifies on ONNX Runtime CPU from a file next to its weights.
 """
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tome_export.exporter.onnx_export import OnnxExport, export_onnx
@@ -21,9 +27,17 @@ from tome_export.targets.common import io_spec, save_onnx, verify_against_eager
 MAIN_ARTIFACT = "model.onnx"
 
 
-def default_export(ctx: ExportContext) -> OnnxExport:
-    """torch.export → ONNX with the context's lowering of every merge op."""
-    return export_onnx(ctx.model, ctx.example_inputs(), ctx.lowering, ctx.options.opset)
+def default_export(ctx: ExportContext, external_data: Path | None = None) -> OnnxExport:
+    """torch.export → ONNX with the context's lowering of every merge op; weights over the
+    threshold streamed to ``external_data`` when given."""
+    return export_onnx(
+        ctx.model,
+        ctx.example_inputs(),
+        ctx.lowering,
+        ctx.options.opset,
+        external_data=external_data,
+        external_threshold=ctx.options.external_data_threshold,
+    )
 
 
 def default_verifier(ctx: ExportContext, exported: OnnxExport) -> tuple[Any, str]:
@@ -33,15 +47,41 @@ def default_verifier(ctx: ExportContext, exported: OnnxExport) -> tuple[Any, str
     return OnnxRuntimeRunner(exported.with_decisions), "onnxruntime"
 
 
-def export_and_verify(ctx: ExportContext, target: Target, artifact: str = MAIN_ARTIFACT) -> tuple[OnnxExport, Any]:
+def external_data_verifier(ctx: ExportContext, exported: OnnxExport, artifact: str) -> tuple[Any, str]:
+    """ONNX Runtime CPU on a graph whose weights are in an external file (no single-proto
+    form past 2 GB): the graph with decisions is saved beside its weights, loaded from that
+    path (weights memory-mapped, not copied), and removed once the session holds them."""
+    import onnx
+
+    from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
+
+    path = ctx.bundle_dir / f".verify-{artifact}"
+    onnx.save_model(exported.with_decisions, str(path))
+    try:
+        return OnnxRuntimeRunner(str(path)), "onnxruntime"
+    finally:
+        path.unlink()
+
+
+def export_and_verify(
+    ctx: ExportContext, target: Target, artifact: str = MAIN_ARTIFACT, external_data: bool = True
+) -> tuple[OnnxExport, Any]:
     """Export, run the target's graph passes, save ``artifact``, verify; returns (export, runner).
 
     The runner is what verification ran on (None with ``--no-verify``); the manifest gets
-    the same entries for every target."""
+    the same entries for every target. ``external_data=False``: weights stay in the proto
+    (TDTM's variants store them in one shared file themselves)."""
     with ctx.progress.step(
         f"exporting to ONNX for target {target.name} (lowering {ctx.lowering}, opset {ctx.options.opset})"
     ):
-        exported = (target.export or default_export)(ctx)
+        if target.export is not None:
+            exported = target.export(ctx)
+        else:
+            weights = ctx.bundle_dir / f"{artifact}.data" if external_data and target.ships_onnx else None
+            exported = default_export(ctx, weights)
+    if exported.external_data is not None:
+        ctx.manifest["external_data"] = exported.external_data.name
+        ctx.progress.say(f"weights in {exported.external_data.name} (external data: over the threshold for one proto)")
     for rewrite in exported.rewrites:
         ctx.progress.say(f"rewrote {rewrite.get('node', rewrite['op'])} ({rewrite['op']}) → {rewrite['became']}")
     for note in exported.lowering_notes:
@@ -68,16 +108,23 @@ def export_and_verify(ctx: ExportContext, target: Target, artifact: str = MAIN_A
     if not ctx.options.verify:
         ctx.manifest["verification"] = {"skipped": True}
         return exported, None
-    runner, runtime = (target.verifier or default_verifier)(ctx, exported)
+    if exported.external_data is not None:
+        runner, runtime = external_data_verifier(ctx, exported, artifact)
+    else:
+        runner, runtime = (target.verifier or default_verifier)(ctx, exported)
     verify_against_eager(ctx, runner.run, exported.input_names, exported.output_names, exported.decision_names, runtime)
     return exported, runner
 
 
-def build_single(ctx: ExportContext, target: Target, artifact: str = MAIN_ARTIFACT) -> OnnxExport:
+def build_single(
+    ctx: ExportContext, target: Target, artifact: str = MAIN_ARTIFACT, external_data: bool = True
+) -> OnnxExport:
     """One verified graph, then the target's build step."""
-    exported, runner = export_and_verify(ctx, target, artifact)
+    exported, runner = export_and_verify(ctx, target, artifact, external_data)
     if target.build is not None:
         target.build(ctx, exported, artifact, runner)
+    del runner  # an SD-size session holds GBs
+    gc.collect()
     return exported
 
 
@@ -92,4 +139,12 @@ def build_bundle(ctx: ExportContext, target: Target, builder: Builder = build_si
     builder(ctx, target)
 
 
-__all__ = ["MAIN_ARTIFACT", "build_bundle", "build_single", "default_export", "default_verifier", "export_and_verify"]
+__all__ = [
+    "MAIN_ARTIFACT",
+    "build_bundle",
+    "build_single",
+    "default_export",
+    "default_verifier",
+    "export_and_verify",
+    "external_data_verifier",
+]

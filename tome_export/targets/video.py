@@ -72,11 +72,11 @@ def build_tdtm_variants(ctx: ExportContext, target: Target) -> None:
     variants = {}
     if state.merge_steps > 0:
         with forced(ctx.model, True):
-            exported[MERGED_ARTIFACT] = build_single(ctx, target, MERGED_ARTIFACT).model
+            exported[MERGED_ARTIFACT] = build_single(ctx, target, MERGED_ARTIFACT, external_data=False).model
         variants["merged"] = {k: ctx.manifest.pop(k) for k in _VARIANT_FIELDS if k in ctx.manifest}
         variants["merged"]["steps"] = [0, state.merge_steps]
     with forced(ctx.model, False):
-        exported[MAIN_ARTIFACT] = build_single(ctx, target, MAIN_ARTIFACT).model
+        exported[MAIN_ARTIFACT] = build_single(ctx, target, MAIN_ARTIFACT, external_data=False).model
     variants["full"] = {"artifact": MAIN_ARTIFACT, "steps": [state.merge_steps, state.num_steps]}
     if "verification" in ctx.manifest:
         variants["full"]["verification"] = ctx.manifest["verification"]
@@ -114,11 +114,12 @@ def add_dynamic_loading(ctx: ExportContext, budget_bytes: int) -> None:
         with ctx.progress.step(f"splitting {artifact} into blocks for a {format_bytes(budget_bytes)} budget"):
             plan = split_model(model, budget_bytes)
             entries = write_blocks(plan, bundle / BLOCKS_DIR, prefix, weight_files, relative_to=bundle)
-        sections[variant] = (model, plan, entries)
+        sections[variant] = (artifact, plan, entries)
+        del model  # weights of an SD-size graph: GBs
     for _, _, entries in sections.values():
         for entry in entries:
             entry["sha256"] = {f: sha256_file(bundle / f) for f in (entry["artifact"], entry["weights"])}
-    for variant, (model, plan, entries) in sections.items():
+    for variant, (artifact, plan, entries) in sections.items():
         section = {
             "budget_bytes": budget_bytes,
             "inputs": plan.inputs,
@@ -129,7 +130,7 @@ def add_dynamic_loading(ctx: ExportContext, budget_bytes: int) -> None:
         if ctx.options.verify:
             with ctx.progress.step(f"checking {len(entries)} blocks against the unsplit graph"):
                 runner = DynamicRunner.from_manifest(bundle, {"dynamic_loading": section})
-                section["verification"] = _compare_with_unsplit(ctx, model, runner)
+                section["verification"] = _compare_with_unsplit(ctx, bundle / artifact, runner)
                 runner.close()
             if not section["verification"]["identical"] and section["verification"]["max_abs_err"] > ctx.options.atol:
                 raise VerificationError(
@@ -145,12 +146,13 @@ def add_dynamic_loading(ctx: ExportContext, budget_bytes: int) -> None:
         )
 
 
-def _compare_with_unsplit(ctx: ExportContext, model: onnx.ModelProto, runner) -> dict:
+def _compare_with_unsplit(ctx: ExportContext, graph_path, runner) -> dict:
     import onnxruntime as ort
 
     from tome_export.runtimes.dynamic import block_session_options
 
-    unsplit = ort.InferenceSession(model.SerializeToString(), block_session_options())
+    # From the file: a graph with external weights (over 2 GB) has no single-proto form.
+    unsplit = ort.InferenceSession(str(graph_path), block_session_options())
     names = [i.name for i in unsplit.get_inputs()]
     worst, identical = 0.0, True
     for seed in range(ctx.options.seeds):

@@ -1,0 +1,71 @@
+"""Models over 2 GB without 2 GB: the external-data path forced with a small threshold.
+
+The same code runs for an SD-1.5 UNet (3.4 GB of fp32 weights) with the default threshold:
+weights streamed to ``model.onnx.data`` next to the graph, verification on ONNX Runtime
+from the file, runtime.load, dynamic loading.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import tome_export.runtime as runtime
+from tome_export.exporter.onnx_export import export_onnx
+from tome_export.graph_passes.external_data import external_files, uses_external_data
+from tome_export.inputs import make_inputs
+from tome_export.pipeline import ExportOptions, export
+
+pytest.importorskip("diffusers")
+
+
+def test_threshold_decides_and_weights_leave_the_proto(tmp_path):
+    from samples.reference_vit import vit_tiny_test
+
+    model = vit_tiny_test().eval()
+    example = (torch.randn(1, 3, 64, 64),)
+    inline = export_onnx(model, example, external_data=tmp_path / "a.onnx.data")  # default threshold: ~1.8 GB
+    assert inline.external_data is None and not uses_external_data(inline.model)
+    assert not (tmp_path / "a.onnx.data").exists()
+    forced = export_onnx(model, example, external_data=tmp_path / "b.onnx.data", external_threshold=0)
+    assert forced.external_data == tmp_path / "b.onnx.data" and forced.external_data.stat().st_size > 0
+    assert external_files(forced.model) == ["b.onnx.data"] == external_files(forced.with_decisions)
+    assert forced.model.ByteSize() < inline.model.ByteSize() / 2
+
+
+def test_unet_bundle_with_external_weights_end_to_end(tmp_path):
+    out = tmp_path / "unet"
+    _, manifest = export(
+        ExportOptions(
+            model="samples.tiny_unet:tiny_unet",
+            method="tomesd",
+            ratio=0.5,
+            out=str(out),
+            external_data_threshold=0,
+            dynamic_loading=True,
+            memory_budget="5MB",
+        )
+    )
+    assert manifest["external_data"] == "model.onnx.data"
+    assert {"model.onnx", "model.onnx.data"} <= set(manifest["artifacts"])  # checksummed like every artifact
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the verification graph is gone
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert external_files(graph) == ["model.onnx.data"]
+    assert manifest["verification"]["passed"] and manifest["verification"]["max_abs_err"] <= 1e-4
+    assert manifest["dynamic_loading"]["verification"]["identical"]
+    assert json.loads((out / "manifest.json").read_text())["artifacts"]["model.onnx.data"]["bytes"] > 1_000_000
+
+    import tome_export
+    from samples.tiny_unet import tiny_unet
+
+    eager = tome_export.apply(tiny_unet(), method="tomesd", ratio=0.5)
+    inputs = make_inputs(eager, eager.default_input_shapes, 7)
+    with torch.no_grad():
+        expected = eager(*inputs).numpy()
+    names = [spec["name"] for spec in manifest["inputs"]]
+    got = runtime.load(out).run({n: t.numpy() for n, t in zip(names, inputs)})["output"]
+    assert np.abs(got - expected).max() <= 1e-4
