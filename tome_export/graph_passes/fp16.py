@@ -1,0 +1,147 @@
+"""fp16 ONNX graphs for strongly typed TensorRT (TensorRT for RTX has no fp16 builder flag).
+
+``to_fp16(model)`` returns a copy computing in float16 except the **merge metric**: the
+nodes of a token-merge lowering (ONNX nodes whose ``pkg.torch.onnx.fx_node`` metadata names a
+``torch.ops.tome_export`` op) reachable from the merge's metric input through float tensors —
+normalisation, the similarity MatMul, ReduceMax/ArgMax/TopK and the threshold comparisons —
+stay float32, so the discrete merge decisions see fp32 scores. The size-weighted merge of the
+tokens themselves runs in fp16 like the rest of the network. Graph inputs and outputs stay
+float32 (Casts at the edges), so the bundle's interface does not change.
+
+Minimal on purpose (the precision work generalises it); subgraphs (If/Loop) are not converted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+MERGE_MARK = "torch.ops.tome_export."
+METRIC_ENTRY_OPS = ("ReduceL2", "LpNormalization")  # the lowering's first op on the metric
+
+
+def _is_merge_node(node: onnx.NodeProto) -> bool:
+    return any(p.key == "pkg.torch.onnx.fx_node" and MERGE_MARK in p.value for p in node.metadata_props)
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    graph = inferred.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    names = {v.name for v in values if v.type.tensor_type.elem_type == FLOAT}
+    names |= {t.name for t in graph.initializer if t.data_type == FLOAT}
+    for node in graph.node:
+        if node.op_type == "Constant" and any(a.name == "value" and a.t.data_type == FLOAT for a in node.attribute):
+            names.update(node.output)
+    return names
+
+
+def metric_nodes(model: onnx.ModelProto) -> set[int]:
+    """Indices of the merge-metric nodes kept in fp32 (see the module docstring)."""
+    nodes = list(model.graph.node)
+    floats = _float_tensors(model)
+    merge = {i for i, n in enumerate(nodes) if _is_merge_node(n)}
+    consumers: dict[str, list[int]] = {}
+    for i in merge:
+        for name in nodes[i].input:
+            consumers.setdefault(name, []).append(i)
+    frontier = [i for i in merge if nodes[i].op_type in METRIC_ENTRY_OPS]
+    # the metric tensor feeds the normalisation: every merge node reading it is in the region
+    seeds = {nodes[i].input[0] for i in frontier}
+    kept: set[int] = set()
+    tensors = list(seeds)
+    while tensors:
+        name = tensors.pop()
+        for i in consumers.get(name, []):
+            if i in kept:
+                continue
+            kept.add(i)
+            tensors.extend(o for o in nodes[i].output if o in floats)
+    return kept
+
+
+def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """(fp16 copy of ``model``, summary: nodes kept fp32, casts inserted)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    kept = metric_nodes(model)
+    floats = _float_tensors(model)
+    graph = model.graph
+    nodes = list(graph.node)
+    producer_kept = {o: (i in kept) for i, n in enumerate(nodes) for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    used_by_half = {name for i, n in enumerate(nodes) if i not in kept for name in n.input}
+    used_by_float = {name for i in kept for name in nodes[i].input}
+
+    new_inits = []
+    for t in graph.initializer:
+        if t.data_type != FLOAT or t.name not in used_by_half:
+            new_inits.append(t)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
+        new_inits.append(half)
+        if t.name in used_by_float:  # shared with the metric region: keep an fp32 copy there
+            new_inits.append(numpy_helper.from_array(numpy_helper.to_array(t), f"{t.name}__fp32"))
+    del graph.initializer[:]
+    graph.initializer.extend(new_inits)
+
+    out_nodes: list[onnx.NodeProto] = []
+    casts = 0
+
+    def cast(name: str, to: int, suffix: str) -> str:
+        nonlocal casts
+        casts += 1
+        out = f"{name}__{suffix}"
+        out_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"{out}_cast"))
+        return out
+
+    graph_inputs = {v.name for v in graph.input if v.type.tensor_type.elem_type == FLOAT}
+    renamed_inputs = {name: cast(name, HALF, "fp16") for name in graph_inputs}
+    half_of: dict[str, str] = {}
+    float_of: dict[str, str] = {}
+    for i, node in enumerate(nodes):
+        in_region = i in kept
+        for j, name in enumerate(node.input):
+            if name not in floats:
+                continue
+            if in_region:
+                if name in graph_inputs:
+                    continue
+                if name in inits and name in used_by_half:
+                    node.input[j] = f"{name}__fp32"
+                elif not (name in inits or producer_kept.get(name, False)):
+                    if name not in float_of:
+                        float_of[name] = cast(name, FLOAT, "fp32")
+                    node.input[j] = float_of[name]
+            else:
+                if name in renamed_inputs:
+                    node.input[j] = renamed_inputs[name]
+                elif producer_kept.get(name, False):
+                    if name not in half_of:
+                        half_of[name] = cast(name, HALF, "fp16")
+                    node.input[j] = half_of[name]
+        if not in_region:
+            _retype_node(node)
+        out_nodes.append(node)
+    for output in graph.output:
+        if output.type.tensor_type.elem_type != FLOAT or producer_kept.get(output.name, False):
+            continue
+        internal = f"{output.name}__fp16"
+        for node in out_nodes:
+            node.output[:] = [internal if o == output.name else o for o in node.output]
+            node.input[:] = [internal if o == output.name else o for o in node.input]
+        out_nodes.append(helper.make_node("Cast", [internal], [output.name], to=FLOAT, name=f"{output.name}_cast"))
+        casts += 1
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    del graph.value_info[:]  # stale float types; ONNX Runtime and TensorRT infer them
+    return model, {"kept_fp32_nodes": len(kept), "casts_inserted": casts}
+
+
+def _retype_node(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
+            attr.i = HALF
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
