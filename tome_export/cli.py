@@ -59,7 +59,25 @@ def main() -> None:
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs its code).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against eager PyTorch.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
+@click.option("--atol", type=float, default=None, help="Max abs error allowed (default: the precision's, fp32 1e-4).")
+@click.option("--min-cosine", type=float, default=None, help="Min output cosine vs eager (default: the precision's).")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=None,
+    help="Graph precision (default: the target's on the device profile; onnx: fp32).",
+)
+@click.option("--int8-mode", default=None, help="int8: static | dynamic (onnx), static (trt), weights (coreml).")
+@click.option("--calibration", default=None, help="int8 static: .npz with one array per input (K samples).")
+@click.option(
+    "--fp32-metric/--no-fp32-metric",
+    default=True,
+    show_default=True,
+    help="Reduced precision: keep the merge's nodes (metric, decisions, sizes) in fp32.",
+)
+@click.option(
+    "--no-unmerged-baseline", is_flag=True, help="Reduced precision: skip verifying the unmerged model at it too."
+)
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
 @click.option(
     "--pin-decisions",

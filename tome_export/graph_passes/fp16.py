@@ -8,7 +8,11 @@ stay float32, so the discrete merge decisions see fp32 scores. The size-weighted
 tokens themselves runs in fp16 like the rest of the network. Graph inputs and outputs stay
 float32 (Casts at the edges), so the bundle's interface does not change.
 
-Minimal on purpose (the precision work generalises it); subgraphs (If/Loop) are not converted.
+``keep`` chooses the fp32 region: :func:`metric_nodes` (the default, what TensorRT needs),
+:func:`merge_nodes` (every node of the merge lowering: metric, decisions and the size
+bookkeeping — the ``--precision fp16`` default), or any set of node indices;
+:func:`runtime_fp32_nodes` adds the ops ONNX Runtime CPU has no fp16 kernel for.
+Subgraphs (If/Loop) are not converted.
 """
 
 from __future__ import annotations
@@ -62,10 +66,31 @@ def metric_nodes(model: onnx.ModelProto) -> set[int]:
     return kept
 
 
-def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """(fp16 copy of ``model``, summary: nodes kept fp32, casts inserted)."""
+def merge_nodes(model: onnx.ModelProto) -> set[int]:
+    """Indices of every node a merge lowering emitted (metric, matching, size-weighted merge, sizes)."""
+    return {i for i, n in enumerate(model.graph.node) if _is_merge_node(n)}
+
+
+# Ops ONNX Runtime's CPU provider cannot run in float16 (checked at run time, not at load).
+ORT_CPU_FP32_ONLY = ("ScatterND", "ScatterElements")
+
+
+def runtime_fp32_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ORT_CPU_FP32_ONLY) -> set[int]:
+    """Indices of nodes whose op has no fp16 kernel on the runtime (a reduction scatter on ORT CPU)."""
+    return {
+        i
+        for i, n in enumerate(model.graph.node)
+        if n.op_type in op_types and any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)
+    }
+
+
+def to_fp16(model: onnx.ModelProto, keep: set[int] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """(fp16 copy of ``model``, summary: nodes kept fp32 and their names, casts inserted).
+
+    ``keep``: indices of the nodes left in fp32 (default :func:`metric_nodes`)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    kept = metric_nodes(model)
+    kept = metric_nodes(model) if keep is None else set(keep)
+    kept_names = sorted(model.graph.node[i].name for i in kept)
     floats = _float_tensors(model)
     graph = model.graph
     nodes = list(graph.node)
@@ -136,7 +161,7 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     del graph.node[:]
     graph.node.extend(out_nodes)
     del graph.value_info[:]  # stale float types; ONNX Runtime and TensorRT infer them
-    return model, {"kept_fp32_nodes": len(kept), "casts_inserted": casts}
+    return model, {"kept_fp32_nodes": len(kept), "casts_inserted": casts, "fp32_node_names": kept_names}
 
 
 def _retype_node(node: onnx.NodeProto) -> None:

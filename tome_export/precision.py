@@ -1,0 +1,263 @@
+"""Reduced precision on the one export path: which precision, how it is applied, how it is judged.
+
+- :func:`resolve_precision` — ``--precision`` (default: the target's precision on the device
+  profile) and ``--int8-mode`` checked against what the target can run (:data:`INT8_MODES`);
+  a precision a target cannot run is a one-line UserError before any work.
+- :data:`TOLERANCES` — the documented per-precision pass/fail table (``--atol`` /
+  ``--min-cosine`` override it).
+- :func:`load_calibration` — a user's ``--calibration FILE.npz`` checked against the graph's
+  inputs; :func:`calibration_feeds` — it, or fresh random inputs from the verification
+  generator (seeds the verification does not use).
+- :func:`apply_precision` — the graph pass ``targets/export_path.py`` runs after export:
+  fp16 (``graph_passes/fp16.py``) or int8 (``graph_passes/int8_qdq.py``), the merge's
+  nodes kept fp32 unless ``--no-fp32-metric``; records what stayed fp32 in the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tome_export.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from tome_export.exporter.onnx_export import OnnxExport
+    from tome_export.options import ExportOptions
+    from tome_export.targets.base import ExportContext, Target
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when max abs error ≤ ``atol`` (if set) and the worst output cosine ≥ ``min_cosine`` (if set)."""
+
+    atol: float | None
+    min_cosine: float | None
+    # --pin-decisions: the largest drop in eager's similarity score a differing decision may
+    # have and still count as a near-tie the precision flipped (verify.DEFAULT_TIE_TOL for fp32)
+    tie_tol: float = 5e-3
+
+    def accepts(self, max_abs_err: float, cosine: float) -> bool:
+        ok_err = self.atol is None or bool(max_abs_err <= self.atol)
+        ok_cos = self.min_cosine is None or bool(cosine >= self.min_cosine)
+        return ok_err and ok_cos
+
+    def text(self) -> str:
+        parts = [f"max abs err ≤ {self.atol:g}"] if self.atol is not None else []
+        parts += [f"cosine ≥ {self.min_cosine:g}"] if self.min_cosine is not None else []
+        return " and ".join(parts) or "none"
+
+
+# The documented table (README "Precision"): fp32 must match eager to float rounding; reduced
+# precisions are judged on the output direction, because an absolute error scales with the
+# output's magnitude and fp16/int8 rounding is relative.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, min_cosine=None),
+    "fp16": Tolerance(atol=None, min_cosine=0.999),
+    "int8": Tolerance(atol=None, min_cosine=0.9, tie_tol=5e-2),
+}
+
+# How each target runs int8; the first is the default.
+INT8_MODES: dict[str, tuple[str, ...]] = {
+    "onnx": ("static", "dynamic"),  # ORT QDQ calibrated / ORT dynamic (int8 weights, per-run activations)
+    "trt": ("static",),  # symmetric QDQ, float bias: what TensorRT for RTX fuses
+    "coreml": ("weights",),  # coremltools.optimize linear weight quantization (int8 weights)
+}
+CALIBRATION_SEED_BASE = 1000  # calibration draws seeds the verification (0..seeds-1) never uses
+CALIBRATION_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    precision: str
+    int8_mode: str | None
+    fp32_metric: bool
+    tolerance: Tolerance
+
+
+def resolve_precision(options: ExportOptions, target: Target, device) -> PrecisionPlan:
+    """The precision this export runs at and how it is judged; UserError for what the target can't do."""
+    precision = options.precision or target.precision(device)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    mode = None
+    if precision == "int8":
+        modes = INT8_MODES.get(target.name, ())
+        if not modes:
+            raise UserError(f"target {target.name!r} cannot run int8; use --precision fp32 or fp16")
+        mode = options.int8_mode or modes[0]
+        if mode not in modes:
+            raise UserError(
+                f"target {target.name!r} runs int8 as {' or '.join(modes)}, not {mode!r}; "
+                f"use --int8-mode {modes[0]}"
+            )
+    elif options.int8_mode is not None:
+        raise UserError("--int8-mode applies to --precision int8")
+    if options.calibration is not None and mode != "static":
+        raise UserError("--calibration applies to --precision int8 with static quantization (--int8-mode static)")
+    table = TOLERANCES[precision]
+    tolerance = Tolerance(
+        atol=options.atol if options.atol is not None else table.atol,
+        min_cosine=options.min_cosine if options.min_cosine is not None else table.min_cosine,
+        tie_tol=table.tie_tol,
+    )
+    if tolerance.min_cosine is not None and not -1.0 <= tolerance.min_cosine <= 1.0:
+        raise UserError(f"--min-cosine {tolerance.min_cosine:g} must lie in [-1, 1]")
+    return PrecisionPlan(precision, mode, options.fp32_metric, tolerance)
+
+
+def load_calibration(path: str | Path, input_names: list[str], input_shapes: list[tuple[int, ...]]) -> list[dict]:
+    """Feeds from ``path`` (.npz): one array per graph input, named like it, of the input's shape
+    (one sample) or (K, *shape) (K samples); UserError saying what to fix otherwise."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise UserError(f"--calibration {path}: no such file") from None
+    except Exception as exc:  # not an npz, object arrays, a truncated file
+        raise UserError(f"--calibration {path} is not a readable .npz of arrays ({type(exc).__name__})") from None
+    if sorted(arrays) != sorted(input_names):
+        raise UserError(
+            f"--calibration {path} holds arrays {sorted(arrays)}; the graph's inputs are {input_names} "
+            "(one array per input, named like it)"
+        )
+    counts = set()
+    for name, shape in zip(input_names, input_shapes):
+        array = arrays[name]
+        if tuple(array.shape) == tuple(shape):
+            arrays[name] = array[None]
+        elif tuple(array.shape[1:]) != tuple(shape) or array.shape[0] == 0:
+            raise UserError(
+                f"--calibration {path}: {name!r} has shape {list(array.shape)}, expected {list(shape)} "
+                f"or [K, {', '.join(map(str, shape))}]"
+            )
+        if not np.issubdtype(arrays[name].dtype, np.number) or not np.isfinite(arrays[name]).all():
+            raise UserError(f"--calibration {path}: {name!r} must hold finite numbers")
+        counts.add(arrays[name].shape[0])
+    if len(counts) != 1:
+        raise UserError(f"--calibration {path}: every input needs the same number of samples, got {sorted(counts)}")
+    return [
+        {name: np.ascontiguousarray(arrays[name][k]).astype(np.float32, copy=False) for name in input_names}
+        for k in range(counts.pop())
+    ]
+
+
+def calibration_feeds(ctx: ExportContext, input_names: list[str]) -> tuple[list[dict], str]:
+    """(feeds, description for the manifest): the user's file, else random inputs the
+    verification generator draws at seeds it does not verify on."""
+    if ctx.options.calibration is not None:
+        feeds = load_calibration(ctx.options.calibration, input_names, ctx.input_shapes)
+        return feeds, f"{Path(ctx.options.calibration).name}: {len(feeds)} samples (user-given)"
+    seeds = range(CALIBRATION_SEED_BASE, CALIBRATION_SEED_BASE + CALIBRATION_SAMPLES)
+    feeds = [{n: t.numpy() for n, t in zip(input_names, ctx.example_inputs(seed))} for seed in seeds]
+    return feeds, (
+        f"{len(feeds)} random inputs from the verification input generator (seeds {seeds.start}-{seeds.stop - 1}, "
+        "none of them verified on)"
+    )
+
+
+def _kept_nodes(model: onnx.ModelProto, fp32_metric: bool) -> set[int]:
+    from tome_export.graph_passes.fp16 import merge_nodes, runtime_fp32_nodes
+
+    return (merge_nodes(model) if fp32_metric else set()) | runtime_fp32_nodes(model)
+
+
+def convert(
+    model: onnx.ModelProto, plan: PrecisionPlan, target: str, calibration: list[dict] | None = None
+) -> tuple[onnx.ModelProto, dict]:
+    """``model`` at ``plan``'s precision for ``target`` → (converted graph, per-part summary)."""
+    from tome_export.graph_passes.fp16 import merge_nodes, to_fp16
+
+    if plan.precision == "fp32":
+        return model, {"fp32_nodes": "all"}
+    if plan.precision == "fp16":
+        converted, summary = to_fp16(model, keep=_kept_nodes(model, plan.fp32_metric))
+        converted, extra = _fp16_runtime_fallback(converted, model, plan)
+        return converted, {
+            "fp32_nodes": summary["fp32_node_names"] + extra,
+            "casts_inserted": summary["casts_inserted"],
+        }
+    excluded = [model.graph.node[i].name for i in sorted(merge_nodes(model))] if plan.fp32_metric else []
+    if plan.int8_mode == "weights":
+        from tome_export.graph_passes.int8_qdq import fake_quantize_weights
+
+        converted, rounded = fake_quantize_weights(model, excluded)
+        return converted, {"fp32_nodes": excluded, "weights_quantized": rounded}
+    from tome_export.graph_passes.int8_qdq import quantize_onnx
+
+    converted = quantize_onnx(model, plan.int8_mode, calibration or (), excluded, trt=target == "trt")
+    ops = [n.op_type for n in converted.graph.node]
+    return converted, {
+        "fp32_nodes": excluded,
+        "quantize_nodes": ops.count("QuantizeLinear") + ops.count("DynamicQuantizeLinear"),
+        "integer_ops": sum(op in ("MatMulInteger", "ConvInteger") for op in ops),
+    }
+
+
+def _fp16_runtime_fallback(converted, model, plan: PrecisionPlan, tries: int = 32):
+    """Keep in fp32 the nodes ONNX Runtime CPU has no fp16 kernel for (it says which on load)."""
+    import re
+
+    import onnxruntime as ort
+
+    from tome_export.graph_passes.fp16 import to_fp16
+
+    names = {n.name: i for i, n in enumerate(model.graph.node)}
+    extra: list[str] = []
+    for _ in range(tries):
+        try:
+            ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+            return converted, extra
+        except Exception as exc:
+            found = re.search(r"node with name '([^']+)'", str(exc))
+            if not found or found.group(1) not in names or found.group(1) in extra:
+                raise
+            extra.append(found.group(1))
+        keep = _kept_nodes(model, plan.fp32_metric) | {names[n] for n in extra}
+        converted, _ = to_fp16(model, keep=keep)
+    return converted, extra
+
+
+def apply_precision(ctx: ExportContext, exported: OnnxExport, target: str) -> None:
+    """The export path's precision pass: converts the graph verification runs and the shipped
+    one alike (the shipped graph is the verified one minus its decision outputs)."""
+    from tome_export.graph_passes import drop_outputs
+
+    plan = ctx.precision
+    section: dict = {"precision": plan.precision, "tolerance": {"atol": plan.tolerance.atol,
+                                                               "min_cosine": plan.tolerance.min_cosine}}
+    if plan.precision != "fp32":
+        calibration = None
+        if plan.int8_mode == "static":
+            calibration, section["calibration"] = calibration_feeds(ctx, exported.input_names)
+        with ctx.progress.step(f"converting the graph to {plan.precision}" + (f" ({plan.int8_mode})" if plan.int8_mode else "")):
+            converted, parts = convert(exported.with_decisions, plan, target, calibration)
+        exported.with_decisions = converted
+        exported.model = drop_outputs(converted, set(exported.decision_names)) if exported.decision_names else converted
+        section.update({"int8_mode": plan.int8_mode, "merge_kept_fp32": plan.fp32_metric, **parts})
+        ctx.progress.say(
+            f"{plan.precision}: {len(parts['fp32_nodes'])} merge/runtime nodes kept fp32"
+            + ("" if plan.fp32_metric else " (--no-fp32-metric: the merge metric runs at reduced precision)")
+        )
+    ctx.manifest["precision_detail"] = section
+
+
+__all__ = [
+    "INT8_MODES",
+    "PRECISIONS",
+    "TOLERANCES",
+    "PrecisionPlan",
+    "Tolerance",
+    "apply_precision",
+    "calibration_feeds",
+    "convert",
+    "load_calibration",
+    "resolve_precision",
+]
