@@ -144,7 +144,10 @@ def test_resolve_precision_defaults_and_refusals():
     assert plan.precision == "fp16" and plan.tolerance == TOLERANCES["fp16"]
     plan = resolve_precision(ExportOptions(TINY, precision="int8", min_cosine=0.5), onnx_target, get_device("cpu"))
     assert (plan.int8_mode, plan.tolerance.min_cosine, plan.tolerance.atol) == ("static", 0.5, None)
-    assert resolve_precision(ExportOptions(TINY, precision="int8"), coreml, get_device("apple-a17-pro")).int8_mode == "weights"
+    assert (
+        resolve_precision(ExportOptions(TINY, precision="int8"), coreml, get_device("apple-a17-pro")).int8_mode
+        == "weights"
+    )
     for options, target in [
         (ExportOptions(TINY, precision="int8", int8_mode="dynamic"), trt),
         (ExportOptions(TINY, precision="int8", int8_mode="static"), coreml),
@@ -207,7 +210,9 @@ def test_cli_int8_static_with_calibration_file_records_everything(cli, tmp_path)
     cal = tmp_path / "cal.npz"
     np.savez(cal, x=np.random.default_rng(0).standard_normal((3, *SHAPE[1:]))[:, None].astype(np.float32))
     out = tmp_path / "b"
-    proc = cli(TINY, "--r", "8", "--precision", "int8", "--calibration", str(cal), "--min-cosine", "0.5", "-o", str(out), "-q")
+    proc = cli(
+        TINY, "--r", "8", "--precision", "int8", "--calibration", str(cal), "--min-cosine", "0.5", "-o", str(out), "-q"
+    )
     assert proc.returncode == 0, proc.stderr
     manifest = _manifest(out)
     assert manifest["precision"] == "int8"

@@ -94,8 +94,7 @@ def resolve_precision(options: ExportOptions, target: Target, device) -> Precisi
         mode = options.int8_mode or modes[0]
         if mode not in modes:
             raise UserError(
-                f"target {target.name!r} runs int8 as {' or '.join(modes)}, not {mode!r}; "
-                f"use --int8-mode {modes[0]}"
+                f"target {target.name!r} runs int8 as {' or '.join(modes)}, not {mode!r}; use --int8-mode {modes[0]}"
             )
     elif options.int8_mode is not None:
         raise UserError("--int8-mode applies to --precision int8")
@@ -231,13 +230,17 @@ def apply_precision(ctx: ExportContext, exported: OnnxExport, target: str) -> No
     from tome_export.graph_passes import drop_outputs
 
     plan = ctx.precision
-    section: dict = {"precision": plan.precision, "tolerance": {"atol": plan.tolerance.atol,
-                                                               "min_cosine": plan.tolerance.min_cosine}}
+    section: dict = {
+        "precision": plan.precision,
+        "tolerance": {"atol": plan.tolerance.atol, "min_cosine": plan.tolerance.min_cosine},
+    }
     if plan.precision != "fp32":
         calibration = None
         if plan.int8_mode == "static":
             calibration, section["calibration"] = calibration_feeds(ctx, exported.input_names)
-        with ctx.progress.step(f"converting the graph to {plan.precision}" + (f" ({plan.int8_mode})" if plan.int8_mode else "")):
+        with ctx.progress.step(
+            f"converting the graph to {plan.precision}" + (f" ({plan.int8_mode})" if plan.int8_mode else "")
+        ):
             converted, parts = convert(exported.with_decisions, plan, target, calibration)
         exported.with_decisions = converted
         exported.model = drop_outputs(converted, set(exported.decision_names)) if exported.decision_names else converted

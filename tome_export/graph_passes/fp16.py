@@ -71,6 +71,9 @@ def merge_nodes(model: onnx.ModelProto) -> set[int]:
     return {i for i, n in enumerate(model.graph.node) if _is_merge_node(n)}
 
 
+# Inputs the ONNX spec types tensor(float) only, whatever the data's type (Resize's scales).
+FLOAT_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
+
 # Ops ONNX Runtime's CPU provider cannot run in float16 (checked at run time, not at load).
 ORT_CPU_FP32_ONLY = ("ScatterND", "ScatterElements")
 
@@ -96,8 +99,11 @@ def to_fp16(model: onnx.ModelProto, keep: set[int] | None = None) -> tuple[onnx.
     nodes = list(graph.node)
     producer_kept = {o: (i in kept) for i, n in enumerate(nodes) for o in n.output}
     inits = {t.name: t for t in graph.initializer}
-    used_by_half = {name for i, n in enumerate(nodes) if i not in kept for name in n.input}
-    used_by_float = {name for i in kept for name in nodes[i].input}
+    def float_slot(i: int, j: int) -> bool:
+        return i in kept or (nodes[i].op_type, j) in FLOAT_ONLY_INPUTS
+
+    used_by_half = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if not float_slot(i, j)}
+    used_by_float = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if float_slot(i, j)}
 
     new_inits = []
     for t in graph.initializer:
@@ -130,7 +136,7 @@ def to_fp16(model: onnx.ModelProto, keep: set[int] | None = None) -> tuple[onnx.
         for j, name in enumerate(node.input):
             if name not in floats:
                 continue
-            if in_region:
+            if float_slot(i, j):
                 if name in graph_inputs:
                     continue
                 if name in inits and name in used_by_half:

@@ -103,7 +103,9 @@ def quantize_qdq(model_path: str | Path, out_path: str | Path, calibration: Iter
     }
 
 
-def fake_quantize_weights(model: onnx.ModelProto, exclude: Iterable[str] = (), bits: int = 8) -> tuple[onnx.ModelProto, int]:
+def fake_quantize_weights(
+    model: onnx.ModelProto, exclude: Iterable[str] = (), bits: int = 8
+) -> tuple[onnx.ModelProto, int]:
     """(copy with the float weights of MatMul/Gemm/Conv nodes outside ``exclude`` rounded to
     per-output-channel symmetric ``bits``-bit integers and back, number of tensors rounded)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())

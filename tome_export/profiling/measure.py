@@ -226,6 +226,10 @@ def export_variant(
         weights=source.get("weights"),
         trust_pickle=trust_pickle,
         prop_attn=merge.get("prop_attn", True),
+        # the same precision and tolerance as the bundle (a re-export at int8 stays int8)
+        precision=manifest.get("precision"),
+        int8_mode=manifest.get("precision_detail", {}).get("int8_mode"),
+        min_cosine=manifest.get("verification", {}).get("min_cosine"),
     )
     if r is not None:
         options.r = r
