@@ -143,13 +143,21 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-def _sweep_values(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    name, sep, values = text.partition("=")
-    if not sep or name.strip() != "r":
-        raise UserError(f"--sweep {text!r} is malformed: use r=0,8,16")
-    return _int_list(values, "--sweep")
+def _sweep_values(texts: tuple[str, ...]) -> tuple[list[int] | None, list[str] | None]:
+    """``--sweep r=0,8,16`` and/or ``--sweep precision=fp32,int8`` → (r values, precisions)."""
+    r_values, precisions = None, None
+    for text in texts:
+        name, sep, values = text.partition("=")
+        if sep and name.strip() == "r":
+            r_values = _int_list(values, "--sweep")
+        elif sep and name.strip() == "precision":
+            precisions = [v.strip() for v in values.split(",") if v.strip()]
+            bad = [p for p in precisions if p not in ("fp32", "fp16", "int8")]
+            if bad or not precisions:
+                raise UserError(f"--sweep {text!r}: precisions are fp32, fp16, int8 (e.g. precision=fp32,int8)")
+        else:
+            raise UserError(f"--sweep {text!r} is malformed: use r=0,8,16 or precision=fp32,int8")
+    return r_values, precisions
 
 
 @main.command("profile")
@@ -158,7 +166,11 @@ def _sweep_values(text: str | None) -> list[int] | None:
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed warm-up runs.")
 @click.option("--batch-sizes", default=None, help="e.g. 1,8: throughput per batch size (re-exports a static bundle).")
-@click.option("--sweep", default=None, help="r=0,8,16: re-export at each r, measure speed and fidelity.")
+@click.option(
+    "--sweep",
+    multiple=True,
+    help="r=0,8,16 and/or precision=fp32,int8 (repeat for a grid): re-export each, measure speed and fidelity.",
+)
 @db_option
 @click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
@@ -172,10 +184,10 @@ def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fid
     from tome_export.progress import Progress
 
     progress = Progress(quiet)
-    sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
+    sizes, (sweep_values, precisions) = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity
+            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity, precisions
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")

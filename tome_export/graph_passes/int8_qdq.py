@@ -16,6 +16,7 @@ never quantized, so merge decisions see unquantized scores.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,13 +51,23 @@ def quantize_onnx(
     """An int8 copy of ``model``: ``mode`` ``"static"`` (QDQ, calibrated) or ``"dynamic"``.
 
     ``exclude``: node names never quantized (default: the merge metric's nodes)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     if exclude is None:
         from tome_export.graph_passes.fp16 import metric_nodes
 
         exclude = [model.graph.node[i].name for i in sorted(metric_nodes(model))]
     exclude = list(exclude)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice ("consider pre-processing") on the root logger
+    try:
+        return _quantize(model, mode, calibration, exclude, trt)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(model: onnx.ModelProto, mode: str, calibration, exclude: list[str], trt: bool) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
     with tempfile.TemporaryDirectory(prefix="tome-int8-") as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save_model(model, str(source))

@@ -201,8 +201,9 @@ def export_variant(
     r: int | None = None,
     batch: int | None = None,
     trust_pickle: bool = False,
+    precision: str | None = None,
 ) -> tuple[Path, dict]:
-    """Re-export the bundle's source model with another r and/or batch size (same target)."""
+    """Re-export the bundle's source model with another r, batch size and/or precision (same target)."""
     from tome_export.pipeline import ExportOptions, export
 
     source = manifest.get("source", {})
@@ -226,11 +227,14 @@ def export_variant(
         weights=source.get("weights"),
         trust_pickle=trust_pickle,
         prop_attn=merge.get("prop_attn", True),
-        # the same precision and tolerance as the bundle (a re-export at int8 stays int8)
-        precision=manifest.get("precision"),
-        int8_mode=manifest.get("precision_detail", {}).get("int8_mode"),
-        min_cosine=manifest.get("verification", {}).get("min_cosine"),
     )
+    options.min_cosine = manifest.get("verification", {}).get("min_cosine")  # the bundle's tolerance, if set
+    if precision is None or precision == manifest.get("precision"):
+        # the bundle's precision (a re-export of an int8 bundle stays int8, same mode)
+        options.precision = manifest.get("precision")
+        options.int8_mode = manifest.get("precision_detail", {}).get("int8_mode")
+    else:  # another precision: its default int8 mode
+        options.precision = precision
     if r is not None:
         options.r = r
     elif method == "none":
@@ -279,8 +283,9 @@ def profile_bundle(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     with_fidelity: bool = True,
+    precisions: list[str] | None = None,
 ) -> list[dict]:
-    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios): one record each."""
+    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios / precisions): one record each."""
     progress = progress or Progress(quiet=True)
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
@@ -313,10 +318,11 @@ def profile_bundle(
             progress.say("fidelity skipped: the source model recorded in the manifest does not load here")
     records = []
     with tempfile.TemporaryDirectory(prefix="tome-profile-exports-") as tmp:
-        configs: list[tuple[int | None, int]] = [(r, b) for r in (sweep or [None]) for b in batch_sizes]
-        for index, (r, batch) in enumerate(configs):
+        configs = [(r, p, b) for r in (sweep or [None]) for p in (precisions or [None]) for b in batch_sizes]
+        for index, (r, precision, batch) in enumerate(configs):
             same_r = r is None or schedule_key(manifest.get("merge", {}))[2] == r
-            if same_r and (not static or batch == base_batch):  # the bundle itself: no re-export
+            same_precision = precision is None or precision == manifest.get("precision")
+            if same_r and same_precision and (not static or batch == base_batch):  # the bundle itself
                 path, variant = bundle, manifest
             else:
                 path, variant = export_variant(
@@ -326,9 +332,11 @@ def profile_bundle(
                     r=r,
                     batch=batch if static else None,
                     trust_pickle=trust_pickle,
+                    precision=precision,
                 )
             feeds = random_feeds(variant, 0, None if static else batch)
-            label = f"{schedule_key(variant.get('merge', {}))[1]}, batch {batch}"
+            at = f", {variant.get('precision', 'fp32')}" if precisions else ""
+            label = f"{schedule_key(variant.get('merge', {}))[1]}{at}, batch {batch}"
             with progress.step(f"measuring {label} on {device.name} ({warmup} warm-up + {runs} runs)"):
                 measured = measure_onnx(path / variant["artifact"], feeds, providers, runs, warmup, progress)
             if reference is not None:
