@@ -254,3 +254,18 @@ def test_cli_bad_precision_input_exits_2_writing_nothing(cli, tmp_path, args, me
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_tune_chooses_r_and_precision_under_budget_and_fidelity_floor():
+    from tome_export.profiling.tune import choose
+
+    points = [
+        {"r": 0, "precision": "fp32", "median_ms": 60.0, "cosine": 1.0},
+        {"r": 16, "precision": "fp32", "median_ms": 36.0, "cosine": 0.97},
+        {"r": 0, "precision": "int8", "median_ms": 40.0, "cosine": 0.96},
+        {"r": 16, "precision": "int8", "median_ms": 25.0, "cosine": 0.93},
+    ]
+    assert (choose(points, 30)["r"], choose(points, 30)["precision"]) == (16, "int8")
+    assert choose(points, 38)["precision"] == "fp32"  # r=16 fp32 fits and is more faithful than int8
+    assert choose(points, 30, min_cosine=0.95) is None  # the only fast enough point is below the floor
+    assert choose(points, 100, min_cosine=0.95)["r"] == 0

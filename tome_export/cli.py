@@ -261,12 +261,27 @@ def import_results_command(file, db, quiet):
 @click.option("--runs", type=int, default=20, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--remeasure", is_flag=True, help="Ignore stored points and measure every candidate.")
+@click.option("--precisions", default="fp32", show_default=True, help="Precisions to consider, e.g. fp32,int8.")
+@click.option("--min-cosine", type=float, default=None, help="Least fidelity (cosine vs unmerged fp32) to accept.")
 @db_option
 @click.option("--trust-pickle", is_flag=True)
 @json_option("the decision")
 @quiet_option
 def tune_command(
-    model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, db, trust_pickle, as_json, quiet
+    model,
+    device,
+    latency_budget,
+    candidates,
+    input_shape,
+    runs,
+    warmup,
+    remeasure,
+    precisions,
+    min_cosine,
+    db,
+    trust_pickle,
+    as_json,
+    quiet,
 ):
     """Find the r that meets a latency budget on DEVICE with the best fidelity (exit 1 if none does)."""
     from tome_export.options import parse_input_shape
@@ -281,9 +296,24 @@ def tune_command(
     from tome_export.devices import get_device
 
     get_device(device)
+    precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not precision_list or any(p not in ("fp32", "fp16", "int8") for p in precision_list):
+        raise UserError(f"--precisions {precisions!r}: give fp32, fp16 and/or int8 like fp32,int8")
     with ResultStore(db) as store:
         decision = tune(
-            model, device, budget_ms, values, store, input_shape, runs, warmup, remeasure, Progress(quiet), trust_pickle
+            model,
+            device,
+            budget_ms,
+            values,
+            store,
+            input_shape,
+            runs,
+            warmup,
+            remeasure,
+            Progress(quiet),
+            trust_pickle,
+            precision_list,
+            min_cosine,
         )
     if as_json:
         click.echo(json.dumps(decision, indent=2))
@@ -292,10 +322,14 @@ def tune_command(
             mark = "→" if decision["choice"] is p else " "
             cos = "-" if p["cosine"] is None else f"{p['cosine']:.4f}"
             top1 = "-" if p["top1_agreement"] is None else f"{p['top1_agreement']:.1%}"
-            click.echo(f"{mark} {p['schedule']:<8} {p['median_ms']:8.2f} ms  cosine {cos}  top-1 {top1}  ({p['from']})")
+            click.echo(
+                f"{mark} {p['schedule']:<8} {p['precision']:<5} {p['median_ms']:8.2f} ms  cosine {cos}  "
+                f"top-1 {top1}  ({p['from']})"
+            )
         if decision["met"]:
             click.echo(
-                f"choose {decision['choice']['schedule']}: {decision['choice']['median_ms']:.2f} ms ≤ {budget_ms:g} ms budget"
+                f"choose {decision['choice']['schedule']} {decision['choice']['precision']}: "
+                f"{decision['choice']['median_ms']:.2f} ms ≤ {budget_ms:g} ms budget"
             )
         else:
             fastest = decision["fastest"]
