@@ -204,15 +204,14 @@ def _fp16_runtime_fallback(converted, model, plan: PrecisionPlan, tries: int = 3
     """Keep in fp32 the nodes ONNX Runtime CPU has no fp16 kernel for (it says which on load)."""
     import re
 
-    import onnxruntime as ort
-
     from tome_export.graph_passes.fp16 import to_fp16
+    from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 
     names = {n.name: i for i, n in enumerate(model.graph.node)}
     extra: list[str] = []
     for _ in range(tries):
         try:
-            ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+            OnnxRuntimeRunner(converted)  # registers the plugin lowering's custom ops when the graph uses them
             return converted, extra
         except Exception as exc:
             found = re.search(r"node with name '([^']+)'", str(exc))
