@@ -2,7 +2,9 @@
 
 1. ONNX Runtime CUDA EP, unmerged vs merged ViT, batch 1 and 32, with CUDA graphs;
 2. the fused Triton merge kernel vs the unfused PyTorch ops (``merge_tokens``) at N=4096.
-Variants interleaved in one process, warm-up, then medians; prints ONE JSON object last.
+Variants interleaved in one process by ``bench/harness.py`` (warm-up, then medians; GPU work
+synchronized around every timed call); prints ONE JSON object last. ``CudaGraphRunner``'s
+sessions are the runtime's own (ORT thread spinning left at its default: the work is on the GPU).
 
     PYTHONPATH=. python bench/bench_gpu.py [--runs 50] [--model vit_small]
 """
@@ -10,31 +12,21 @@ Variants interleaved in one process, warm-up, then medians; prints ONE JSON obje
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
+from pathlib import Path
 
-from tome_export.errors import first_line
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import emit, interleaved, medians  # noqa: E402
+from tome_export.errors import first_line  # noqa: E402
 
 
 def _gpu_or_exit() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print(json.dumps({"skipped": "no CUDA GPU here; run this on an NVIDIA GPU"}))
+        emit({"skipped": "no CUDA GPU here; run this on an NVIDIA GPU"})
         sys.exit(0)
-
-
-def _median_ms(fn, runs: int, sync) -> float:
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def bench_kernel(runs: int) -> dict:
@@ -55,18 +47,11 @@ def bench_kernel(runs: int) -> dict:
         "torch_unfused": lambda: merge_tokens(metric, x, size, r, 0),
         "triton_fused": lambda: merge_tokens_triton(metric, x, size, r, 0),
     }
-    for fn in variants.values():
-        for _ in range(5):
-            fn()
-    samples = {name: [] for name in variants}
-    for _ in range(runs):  # interleaved
-        for name, fn in variants.items():
-            samples[name].append(_median_ms(fn, 1, torch.cuda.synchronize))
-    medians = {name: statistics.median(v) for name, v in samples.items()}
+    median_ms = medians(interleaved(variants, runs, warmup=5, sync=torch.cuda.synchronize), digits=4)
     return {
         "shape": {"B": batch, "N": tokens, "D": dim, "C": channels, "r": r},
-        "median_ms": medians,
-        "speedup_triton_vs_torch": medians["torch_unfused"] / medians["triton_fused"],
+        "median_ms": median_ms,
+        "speedup_triton_vs_torch": median_ms["torch_unfused"] / median_ms["triton_fused"],
         "slot_agreement": agree,
     }
 
@@ -90,19 +75,11 @@ def bench_ort(runs: int, model_name: str) -> dict:
             runner = CudaGraphRunner(exported.model, cuda_graph=True, tf32=True)
             feeds = {exported.input_names[0]: x.numpy()}
             runners[f"r{r}"] = (runner, feeds)
-        for runner, feeds in runners.values():
-            for _ in range(10):
-                runner.run(feeds)
-        samples = {name: [] for name in runners}
-        for _ in range(runs):
-            for name, (runner, feeds) in runners.items():
-                start = time.perf_counter()
-                runner.run(feeds)
-                samples[name].append((time.perf_counter() - start) * 1e3)
-        medians = {name: statistics.median(v) for name, v in samples.items()}
+        calls = {name: (lambda r=runner, f=feeds: r.run(f)) for name, (runner, feeds) in runners.items()}
+        median_ms = medians(interleaved(calls, runs, warmup=10), digits=4)
         results[f"batch{batch}"] = {
-            "median_ms": medians,
-            "speedup_merged": medians["r0"] / medians["r16"],
+            "median_ms": median_ms,
+            "speedup_merged": median_ms["r0"] / median_ms["r16"],
             "cuda_graph": {name: runner.cuda_graph for name, (runner, _) in runners.items()},
         }
     return results
@@ -121,7 +98,7 @@ def main() -> None:
         report["ort_cuda"] = bench_ort(args.runs, args.model)
     except Exception as exc:  # onnxruntime-gpu / timm missing: keep the kernel numbers
         report["ort_cuda"] = {"skipped": first_line(exc)}
-    print(json.dumps(report))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ highest-resolution transformer block (N=4096, C=320, r=2048 = ratio 0.5). Whole 
 ViT-S/16 and ViT-B/16 at r=16, and an SD transformer block (self-attention with
 tomesd-style merge before / unmerge after, cross-attention, GEGLU feed-forward) — a whole
 UNet is the diffusion work's benchmark. Random weights. Variants are interleaved in one
-process (round-robin), warm-up first, medians reported; every variant is also checked
-against eager PyTorch. The merge op's share of a ViT block / SD block uses the default
+process (``bench/harness.py``: round-robin, warm-up first, medians; ORT sessions without
+thread spinning); every variant is also checked against eager PyTorch. The merge op's share of a ViT block / SD block uses the default
 lowering of the ONNX target. ONE JSON object is printed last.
 
     PYTHONPATH=$PWD python bench/bench_lowerings.py [--runs 20] [--sd-runs 10] [--large-runs 10]
@@ -15,10 +15,7 @@ lowering of the ONNX target. ONE JSON object is printed last.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,11 +26,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import emit, interleaved, log, machine, medians, ort_runner, ratios  # noqa: E402
 from samples.reference_vit import Block, vit_base_patch16_224, vit_small_patch16_224  # noqa: E402
 from tome_export.exporter.dense_lowering import dense_cost  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.merging import apply, bipartite  # noqa: E402
-from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 from tome_export.targets import get_target  # noqa: E402
 
 LOWERINGS = ("scatter", "dense", "plugin")
@@ -109,7 +106,7 @@ class SDTransformerBlock(nn.Module):
 def export_runner(model: nn.Module, inputs: tuple[torch.Tensor, ...], lowering: str):
     """Exported (shipped graph) → runner, feeds, and max abs error against eager."""
     exported = export_onnx(model, inputs, lowering)
-    runner = OnnxRuntimeRunner(exported.model, spinning=False)  # sessions take turns on 2 cores
+    runner = ort_runner(exported.model)
     feeds = {name: t.numpy() for name, t in zip(exported.input_names, inputs)}
     with torch.no_grad():
         eager = model(*inputs)
@@ -122,22 +119,10 @@ def export_runner(model: nn.Module, inputs: tuple[torch.Tensor, ...], lowering: 
     return runner, feeds, err
 
 
-def interleaved_medians(variants: dict, runs: int, warmup: int = 3) -> dict[str, float]:
-    """Round-robin over variants so load changes hit all of them alike; median ms each."""
-    for runner, feeds in variants.values():
-        for _ in range(warmup):
-            runner.run(feeds)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(runs):
-        for name, (runner, feeds) in variants.items():
-            start = time.perf_counter()
-            runner.run(feeds)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: round(statistics.median(t), 3) for name, t in times.items()}
-
-
-def ratios(medians: dict[str, float], base: str = "scatter") -> dict[str, float]:
-    return {f"{name}/{base}": round(ms / medians[base], 3) for name, ms in medians.items() if name != base}
+def interleaved_medians(variants: dict, runs: int) -> dict[str, float]:
+    """Median ms per (runner, feeds) variant, timed by the harness (3 warm-up rounds)."""
+    calls = {name: (lambda r=runner, f=feeds: r.run(f)) for name, (runner, feeds) in variants.items()}
+    return medians(interleaved(calls, runs, warmup=3))
 
 
 def bench_merge_op(runs: int, sd_runs: int, errors: dict, keep: dict) -> dict:
@@ -156,14 +141,14 @@ def bench_merge_op(runs: int, sd_runs: int, errors: dict, keep: dict) -> dict:
             variants[lowering] = (runner, feeds)
             errors[f"merge_op/{scale}/{lowering}"] = err
         keep[scale] = variants[DEFAULT_LOWERING]
-        medians = interleaved_medians(variants, sd_runs if scale == "sd" else runs)
+        median_ms = interleaved_medians(variants, sd_runs if scale == "sd" else runs)
         results[scale] = {
             "shape": {"batch": batch, "tokens": tokens, "channels": channels, "r": r, "protected": protected},
-            "median_ms": medians,
-            "ratios": ratios(medians),
+            "median_ms": median_ms,
+            "ratios": ratios(median_ms, "scatter"),
             "dense_extra_mflops": dense_cost(batch, tokens, channels, r, protected)["extra_mflops"],
         }
-        print(f"merge op {scale}: {medians}", file=sys.stderr, flush=True)
+        log(f"merge op {scale}: {median_ms}")
     return results
 
 
@@ -198,9 +183,9 @@ def bench_models(runs: int, large_runs: int, errors: dict) -> dict:
         else:
             baseline.r = 0
         variants["unmerged"] = export_runner(baseline, inputs, DEFAULT_LOWERING)[:2]
-        medians = interleaved_medians(variants, count)
-        results[name] = {"median_ms": medians, "ratios": ratios(medians)}
-        print(f"model {name}: {medians}", file=sys.stderr, flush=True)
+        median_ms = interleaved_medians(variants, count)
+        results[name] = {"median_ms": median_ms, "ratios": ratios(median_ms, "scatter")}
+        log(f"model {name}: {median_ms}")
     return results
 
 
@@ -218,7 +203,7 @@ def bench_block_share(runs: int, sd_runs: int, merge_runners: dict, errors: dict
     errors[f"block/sd/{DEFAULT_LOWERING}"] = sd_runner[2]
     sd = interleaved_medians({"block": sd_runner[:2], "merge": merge_runners["sd"]}, sd_runs)
     vit_ms, vit_merge, sd_ms, sd_merge = vit["block"], vit["merge"], sd["block"], sd["merge"]
-    print(f"block share: ViT-S {vit}, SD {sd}", file=sys.stderr, flush=True)
+    log(f"block share: ViT-S {vit}, SD {sd}")
     return {
         "lowering": DEFAULT_LOWERING,
         "vit_s_block_ms": vit_ms,
@@ -247,21 +232,19 @@ def main() -> None:
     models = bench_models(args.runs, args.large_runs, errors)
     import onnxruntime
 
-    print(
-        json.dumps(
-            {
-                "benchmark": "bench_lowerings",
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.machine()},
-                "onnxruntime": onnxruntime.__version__,
-                "torch": torch.__version__,
-                "runs": {"vit": args.runs, "sd": args.sd_runs, "large_models": args.large_runs},
-                "merge_op": merge_op,
-                "block_share": share,
-                "models": models,
-                "max_abs_err_vs_eager": {k: float(f"{v:.3g}") for k, v in errors.items()},
-                "wall_s": round(time.perf_counter() - started, 1),
-            }
-        )
+    emit(
+        {
+            "benchmark": "bench_lowerings",
+            "machine": machine(),
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+            "runs": {"vit": args.runs, "sd": args.sd_runs, "large_models": args.large_runs},
+            "merge_op": merge_op,
+            "block_share": share,
+            "models": models,
+            "max_abs_err_vs_eager": {k: float(f"{v:.3g}") for k, v in errors.items()},
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
     )
 
 

@@ -1,6 +1,7 @@
 """tomesd merge cost at Stable Diffusion scale on ONNX Runtime CPU.
 
-Variants, timed interleaved in one process (warm-up, then medians):
+Variants, timed interleaved in one process by ``bench/harness.py`` (warm-up, then medians;
+ORT sessions without thread spinning):
 - ``merge_op[<lowering>]``: ``tome_export::tomesd_merge`` alone, N=64×64=4096 tokens,
   C=320, ratio 0.5 (r=2048), per available lowering (scatter; dense if registered);
 - ``block_unmerged`` / ``block_tomesd[<lowering>]``: one SD-1.x-like transformer (diffusers
@@ -14,19 +15,21 @@ Prints one JSON object last. Usage: ``PYTHONPATH=. python bench/bench_tomesd.py 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
-import tome_export
-from tome_export.exporter.lowerings import LOWERINGS
-from tome_export.exporter.onnx_export import export_onnx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tome_export  # noqa: E402
+from bench.harness import emit, interleaved, medians, ort_runner  # noqa: E402
+from tome_export.exporter.lowerings import LOWERINGS  # noqa: E402
+from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 
 SIDE, CHANNELS, TEXT_TOKENS, TEXT_DIM, RATIO = 64, 320, 77, 768, 0.5
 
@@ -62,13 +65,9 @@ class SDTransformer(nn.Module):
 
 def session(model: nn.Module, example: tuple, lowering: str, threads: int):
     exported = export_onnx(model, example, lowering=lowering)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    # Sessions take turns on few cores: no spinning, or an idle one steals the next one's CPU.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(exported.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    runner = ort_runner(exported.model, threads=threads)
     feed = {n: t.numpy() for n, t in zip(exported.input_names, example)}
-    return lambda: sess.run(None, feed)
+    return lambda: runner.run(feed)
 
 
 def main() -> None:
@@ -100,14 +99,8 @@ def main() -> None:
         variants[f"block_tomesd[{lowering}]"] = session(merged, (sample, text), lowering, args.threads)
         export_s[f"block_tomesd[{lowering}]"] = time.perf_counter() - start
 
-    times = {name: [] for name in variants}
-    for iteration in range(args.warmup + args.runs):
-        for name, run in variants.items():  # interleaved: load drifts hit every variant alike
-            start = time.perf_counter()
-            run()
-            if iteration >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    timings = interleaved(variants, args.runs, args.warmup)
+    median = {name: t.median_ms for name, t in timings.items()}
     result = {
         "bench": "tomesd",
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} ORT threads (shared, noisy)",
@@ -118,8 +111,8 @@ def main() -> None:
         "r": r,
         "batch": args.batch,
         "runs": args.runs,
-        "median_ms": {k: round(v, 3) for k, v in median.items()},
-        "p10_p90_ms": {k: [round(float(np.percentile(v, p)), 3) for p in (10, 90)] for k, v in times.items()},
+        "median_ms": medians(timings),
+        "p10_p90_ms": {k: [round(t.p10_ms, 3), round(t.p90_ms, 3)] for k, t in timings.items()},
         "export_s": {k: round(v, 1) for k, v in export_s.items()},
     }
     for lowering in lowerings:
@@ -127,7 +120,7 @@ def main() -> None:
         result[f"merge_op_share_of_merged_block[{lowering}]"] = round(op / block, 4)
         result[f"block_speedup[{lowering}]"] = round(median["block_unmerged"] / block, 3)
     result["goal_merge_op_share_le_10pct"] = result["merge_op_share_of_merged_block[scatter]"] <= 0.10
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ One export through the real pipeline (``--method tdtm --dynamic-loading``) of
     all-resident vs load-on-demand without prefetch vs with prefetch (interleaved, medians);
     peak RSS over the process's baseline RSS vs the budget, one process per mode.
 
+Timing: ``bench/harness.py`` (interleaved, medians; ORT sessions of (a) without thread spinning;
+the dynamic runner's block sessions are the runtime's own, one compute thread each).
 Usage: PYTHONPATH=$PWD python bench/bench_video.py [--budget 320MB] [--runs 5] [--keep DIR]
 Prints progress on stderr and ONE JSON object last on stdout.
 """
@@ -30,12 +32,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.harness import emit, interleaved, log, ort_runner  # noqa: E402
+
 NUM_STEPS, MERGE_STEPS = 8, 4
 THREADS = 1  # dynamic-loading runs: 1 compute thread, the other core loads (2-core box)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def feeds_for(session) -> dict:
@@ -47,21 +49,9 @@ def feeds_for(session) -> dict:
     return feeds
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def interleaved(named: dict, runs: int, warmup: int = 1) -> dict:
-    for fn in named.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in named}
-    for _ in range(runs):
-        for name, fn in named.items():
-            samples[name].append(timed(fn))
-    return {name: statistics.median(values) for name, values in samples.items()}
+def median_s(named: dict, runs: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per variant, interleaved by the harness."""
+    return {name: t.median_ms / 1e3 for name, t in interleaved(named, runs, warmup).items()}
 
 
 # -- (b) workers ---------------------------------------------------------------------------
@@ -95,19 +85,26 @@ def worker(mode: str, bundle: Path, budget: int, runs: int) -> dict:
             for name in settings
         }
         per_block = {name: [] for name in runners}
-        samples = {name: [] for name in runners}
-        for runner in runners.values():
-            runner.run(feeds)  # warm-up: all-resident loads everything once here
-        for _ in range(runs):
-            for name, runner in runners.items():
-                runner.run(feeds)
-                samples[name].append(runner.last_stats.total_s)
-                per_block[name].append(runner.last_stats.blocks)
+
+        def runner_total_s(name: str, _outputs) -> float:
+            """The runner's own clock for a timed run; its per-block stats are kept too."""
+            stats = runners[name].last_stats
+            per_block[name].append(stats.blocks)
+            return stats.total_s
+
+        # one warm-up round: all-resident loads everything once there
+        timings = interleaved(
+            {name: (lambda r=runner: r.run(feeds)) for name, runner in runners.items()},
+            runs,
+            warmup=1,
+            elapsed_s=runner_total_s,
+        )
         for runner in runners.values():
             runner.close()
         for copy in copies.values():
             shutil.rmtree(copy, ignore_errors=True)
-        result = {name: statistics.median(v) for name, v in samples.items()}
+        samples = {name: [ms / 1e3 for ms in t.samples_ms] for name, t in timings.items()}
+        result = {name: t.median_ms / 1e3 for name, t in timings.items()}
         blocks = {}
         for name, runs_blocks in per_block.items():
             count = len(runs_blocks[0])
@@ -159,7 +156,7 @@ def main() -> None:
     parser.add_argument("--budget-bytes", type=int, default=None)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, Path(args.bundle), args.budget_bytes, args.runs)))
+        emit(worker(args.worker, Path(args.bundle), args.budget_bytes, args.runs))
         return
 
     import onnxruntime as ort
@@ -189,31 +186,29 @@ def main() -> None:
     manifest = json.loads((workdir / "manifest.json").read_text())
     model_bytes = sum(b["bytes"] for b in manifest["dynamic_loading"]["blocks"])
 
-    # (a) TDTM, ORT default session options, 2 threads.
+    # (a) TDTM, ORT's default thread count, no spinning.
     log("(a) TDTM: one block and a full forward, merged vs full")
     sessions = {
-        "block_full": ort.InferenceSession(str(workdir / "blocks/block_02.onnx")),
-        "block_merged": ort.InferenceSession(str(workdir / "blocks/merged_block_02.onnx")),
-        "full": ort.InferenceSession(str(workdir / "model.onnx")),
-        "merged": ort.InferenceSession(str(workdir / "model_merged.onnx")),
+        "block_full": ort_runner(workdir / "blocks/block_02.onnx").session,
+        "block_merged": ort_runner(workdir / "blocks/merged_block_02.onnx").session,
+        "full": ort_runner(workdir / "model.onnx").session,
+        "merged": ort_runner(workdir / "model_merged.onnx").session,
     }
     # The two graphs name their tensors differently: random feeds per session, same shapes.
     block_feeds = {n: feeds_for(sessions[f"block_{n}"]) for n in ("full", "merged")}
-    block = interleaved(
+    block = median_s(
         {name: (lambda n=name: sessions[f"block_{n}"].run(None, block_feeds[n])) for name in ("full", "merged")},
         runs=max(args.runs * 4, 20),
     )
     feeds = feeds_for(sessions["full"])
-    forward = interleaved(
-        {name: (lambda n=name: sessions[n].run(None, feeds)) for name in ("full", "merged")}, args.runs
-    )
+    forward = median_s({name: (lambda n=name: sessions[n].run(None, feeds)) for name in ("full", "merged")}, args.runs)
     log(f"(a) denoising loop, {NUM_STEPS} steps, TDTM in the first {MERGE_STEPS}")
 
     def loop(use_tdtm: bool) -> None:
         for step in range(NUM_STEPS):
             sessions["merged" if use_tdtm and step < MERGE_STEPS else "full"].run(None, feeds)
 
-    loops = interleaved({"no_merging": lambda: loop(False), "tdtm": lambda: loop(True)}, runs=1, warmup=0)
+    loops = median_s({"no_merging": lambda: loop(False), "tdtm": lambda: loop(True)}, runs=1, warmup=0)
     flops = block_flops(num_frames=8, spatial=32, dim=1152, text_tokens=16)
     loop_theory = NUM_STEPS / (MERGE_STEPS / forward["full"] * forward["merged"] + (NUM_STEPS - MERGE_STEPS))
     sessions.clear()
@@ -277,7 +272,7 @@ def main() -> None:
         },
         "total_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

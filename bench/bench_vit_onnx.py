@@ -2,19 +2,17 @@
 
 Exports the reference ViT-S/16 (samples/) and timm's vit_small_patch16_224 (random
 weights; skipped without timm) at r in {0, 8, 13, 16}, then times every variant
-interleaved in one process (warm-up, then the median of --runs runs). Prints one JSON
+interleaved in one process with ``bench/harness.py`` (warm-up, then the median of --runs
+runs; ORT sessions without thread spinning). Prints one JSON
 object last. Usage: python bench/bench_vit_onnx.py [--runs 30] [--models reference,timm]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -24,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tome_export  # noqa: E402
 from bench.flops import vit_flops  # noqa: E402
+from bench.harness import emit, interleaved, log, ort_runner  # noqa: E402
 from samples.reference_vit import vit_small_patch16_224  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
-from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 
 R_VALUES = (0, 8, 13, 16)
 
@@ -38,12 +36,6 @@ def build(name: str):
 
     torch.manual_seed(0)
     return timm.create_model("vit_small_patch16_224", pretrained=False).eval()
-
-
-def time_once(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def main() -> None:
@@ -59,7 +51,7 @@ def main() -> None:
             try:
                 import timm  # noqa: F401
             except ImportError:
-                print("timm not installed: skipping timm model", file=sys.stderr)
+                log("timm not installed: skipping timm model")
                 continue
         for r in R_VALUES:
             model = build(model_name)
@@ -68,8 +60,7 @@ def main() -> None:
             with torch.no_grad():
                 want = model(x)
             state = model._tome_state
-            # Eight sessions take turns on two cores: no spinning (same for all variants).
-            session = OnnxRuntimeRunner(exported.model, spinning=False).session
+            session = ort_runner(exported.model).session
             feeds = {exported.input_names[0]: x.numpy()}
             err = float((torch.from_numpy(session.run(None, feeds)[0]) - want).abs().max())
             dim = model.blocks[0].norm1.normalized_shape[0]
@@ -82,36 +73,34 @@ def main() -> None:
                     "eager": model,
                     "flops": vit_flops(state.tokens_per_layer, state.r_per_layer, dim),
                     "max_abs_err": err,
-                    "ort_ms": [],
-                    "eager_ms": [],
                 }
             )
-            print(f"exported {model_name} r={r} (max abs err {err:.2e})", file=sys.stderr)
+            log(f"exported {model_name} r={r} (max abs err {err:.2e})")
     # Variants interleaved round-robin so every one sees the same machine load; ONNX
     # Runtime and torch eager in separate phases, since torch's OpenMP threads keep
     # spinning after a forward and would slow the ORT run that follows.
-    for key, run in (
-        ("ort_ms", lambda v: v["session"].run(None, v["feeds"])),
-        ("eager_ms", lambda v: v["eager"](x)),
-    ):
-        with torch.no_grad():
-            for round_index in range(args.warmup + args.runs):
-                for v in variants:
-                    elapsed = time_once(lambda v=v, run=run: run(v))
-                    if round_index >= args.warmup:
-                        v[key].append(elapsed)
+    names = [f"{v['model']}/r{v['r']}" for v in variants]
+    ort_timings = interleaved(
+        {n: (lambda v=v: v["session"].run(None, v["feeds"])) for n, v in zip(names, variants)}, args.runs, args.warmup
+    )
+    with torch.no_grad():
+        eager_timings = interleaved(
+            {n: (lambda v=v: v["eager"](x)) for n, v in zip(names, variants)}, args.runs, args.warmup
+        )
+    for name, v in zip(names, variants):
+        v["ort"], v["eager_timing"] = ort_timings[name], eager_timings[name]
     results = {}
     for model_name in dict.fromkeys(v["model"] for v in variants):
         rows = [v for v in variants if v["model"] == model_name]
         base = next(v for v in rows if v["r"] == 0)
-        base_ms, base_flops = statistics.median(base["ort_ms"]), base["flops"]
+        base_ms, base_flops = base["ort"].median_ms, base["flops"]
         per_r = {}
         for v in rows:
-            ort_ms, eager_ms = statistics.median(v["ort_ms"]), statistics.median(v["eager_ms"])
+            ort_ms, eager_ms = v["ort"].median_ms, v["eager_timing"].median_ms
             speedup, flop_ratio = base_ms / ort_ms, base_flops / v["flops"]
             per_r[str(v["r"])] = {
                 "ort_cpu_ms": round(ort_ms, 2),
-                "ort_cpu_p90_ms": round(statistics.quantiles(v["ort_ms"], n=10)[-1], 2),
+                "ort_cpu_p90_ms": round(v["ort"].p90_ms, 2),
                 "speedup_vs_r0": round(speedup, 3),
                 "flop_ratio": round(flop_ratio, 3),
                 "speedup_over_flop_ratio": round(speedup / flop_ratio, 3),
@@ -120,17 +109,15 @@ def main() -> None:
                 "max_abs_err_vs_eager": v["max_abs_err"],
             }
         results[model_name] = per_r
-    print(
-        json.dumps(
-            {
-                "bench": "vit_onnx_cpu",
-                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
-                "onnxruntime": ort.__version__,
-                "torch": torch.__version__,
-                "runs": args.runs,
-                "results": results,
-            }
-        )
+    emit(
+        {
+            "bench": "vit_onnx_cpu",
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "runs": args.runs,
+            "results": results,
+        }
     )
 
 

@@ -1,23 +1,23 @@
 """The naive-export trap, measured: a ViT-S/16 with a hand-written scatter_reduce(mean)
 merge after every block (r=8), exported by plain ``torch.onnx.export(dynamo=True)`` and by
-tome-export, both run on ONNX Runtime CPU against eager PyTorch. Prints one JSON object.
+tome-export, both run on ONNX Runtime CPU against eager PyTorch. Accuracy only, nothing is
+timed; sessions come from ``bench/harness.py`` like every bench script's. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.harness import emit, ort_runner  # noqa: E402
 from samples.reference_vit import vit_small_patch16_224  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 
@@ -54,7 +54,7 @@ class NaiveToMeViT(torch.nn.Module):
 
 
 def ort_run(proto, x):
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_runner(proto).session
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
@@ -67,16 +67,14 @@ def main() -> None:
         warnings.simplefilter("ignore")
         naive = torch.onnx.export(model, (x,), dynamo=True).model_proto
     ours = export_onnx(model, (x,))
-    print(
-        json.dumps(
-            {
-                "bench": "naive_trap_vit_s16_r8",
-                "plain_dynamo_max_abs_err": float(np.abs(ort_run(naive, x) - want).max()),
-                "tome_export_max_abs_err": float(np.abs(ort_run(ours.model, x) - want).max()),
-                "rewrites": len(ours.rewrites),
-                "output_max_abs": float(np.abs(want).max()),
-            }
-        )
+    emit(
+        {
+            "bench": "naive_trap_vit_s16_r8",
+            "plain_dynamo_max_abs_err": float(np.abs(ort_run(naive, x) - want).max()),
+            "tome_export_max_abs_err": float(np.abs(ort_run(ours.model, x) - want).max()),
+            "rewrites": len(ours.rewrites),
+            "output_max_abs": float(np.abs(want).max()),
+        }
     )
 
 

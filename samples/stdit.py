@@ -5,9 +5,10 @@ spatial self-attention (within a frame), temporal self-attention (across frames,
 position, with an optional per-frame key mask), cross-attention to text tokens and an MLP,
 all modulated by the timestep embedding (adaLN-single, as in PixArt/Open-Sora).
 
-Each sub-layer is a method returning its residual update, so token-merging patchers
-(``tome_export.merging.tdtm``) can run the attention sub-layers on fewer frames and keep the
-MLP at full length. ``stdit_test`` is tiny for tests; ``stdit_bench`` is several hundred MB.
+``STDiTBlock`` implements the TDTM block protocol
+(``tome_export.merging.video_protocol.TdtmBlock``): each sub-layer is a method returning its
+residual update, so ``tome_export.merging.tdtm`` can run the attention sub-layers on fewer
+frames and keep the MLP at full length. ``stdit_test`` is tiny for tests; ``stdit_bench`` is several hundred MB.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # Written out rather than F.scaled_dot_product_attention: the exporter's SDPA
-    # decomposition changes strides under the following reshape (see DESIGN.md).
+    # decomposition changes strides under the following reshape.
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
@@ -64,7 +65,10 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 class STDiTBlock(nn.Module):
-    """Spatial attention → temporal attention → cross-attention → MLP, each residual."""
+    """Spatial attention → temporal attention → cross-attention → MLP, each residual.
+
+    Implements ``tome_export.merging.video_protocol.TdtmBlock`` (structurally; no import).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()

@@ -184,7 +184,8 @@ def test_classify_app_top5_matches_the_session(tiny_bundle, tmp_path, capsys):
 
 
 def test_classify_app_decodes_an_image_file(tiny_bundle, tmp_path, capsys):
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image as pil  # Pillow: a dependency of matplotlib, always installed
+
     from samples import classify_app
 
     pixels = (np.random.default_rng(3).random((90, 70, 3)) * 255).astype(np.uint8)

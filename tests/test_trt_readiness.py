@@ -61,7 +61,7 @@ def test_scatter_lowering_is_not_ready_and_names_the_node():
     report = check_trt_readiness(exported.model)
     assert not report.ready
     errors = report.errors
-    # The scatter lowering adds rows with ScatterND(reduction="add") (lowerings branch).
+    # The scatter lowering adds rows with ScatterND(reduction="add").
     assert errors and all(f.op_type in ("ScatterElements", "ScatterND") for f in errors)
     assert len(errors) == 2  # one per merging block
     scatter_names = {n.name for n in exported.model.graph.node if n.op_type in ("ScatterElements", "ScatterND")}

@@ -1,4 +1,9 @@
-"""tome-export: deploy token-merged PyTorch models to ONNX Runtime, TensorRT and Core ML."""
+"""tome-export: deploy token-merged PyTorch models to ONNX Runtime, TensorRT and Core ML.
+
+The package root owns only the version and two lazy entry points: ``tome_export.apply``
+(patch a model with a merging method, needs torch) and ``tome_export.runtime`` (run a
+bundle, needs onnxruntime), so ``import tome_export`` itself stays free of heavy imports.
+"""
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,8 @@
-"""Step-by-step progress on stderr; stdout stays free for machine-readable output."""
+"""Step-by-step progress on stderr; stdout stays free for machine-readable output.
+
+Owns :class:`Progress`: named steps with their duration, a tick for long loops, and a quiet
+mode for ``-q`` and library calls.
+"""
 
 from __future__ import annotations
 

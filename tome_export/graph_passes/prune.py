@@ -1,4 +1,5 @@
-"""Drop graph outputs and whatever only they needed."""
+"""Drop graph outputs and whatever only they needed (the merge-decision outputs, once
+verification has read them), with onnx-ir's dead-node removal."""
 
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ same way (a merged frame is attended to when either of its frames is). Merging i
 in the first ``merge_steps`` denoising steps. It slices, averages and repeats: shapes are
 static and no custom op is needed.
 
-Patched blocks follow the STDiT sub-layer protocol of ``samples/stdit.py``: methods
-``modulation(t_mod)``, ``spatial(x, mods, T)``, ``temporal(x, T, frame_mask)``,
-``cross(x, context)`` and ``feedforward(x, mods)`` each returning a residual update.
+Owns the frame merge/unmerge math, the per-model :class:`TdtmState` (which denoising step,
+merged or not) and the patcher. Patched blocks follow
+:class:`tome_export.merging.video_protocol.TdtmBlock` (sub-layer methods ``modulation``,
+``spatial``, ``temporal``, ``cross``, ``feedforward``, each returning a residual update); a
+block that looks like one but does not follow it is refused with one line.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ import torch
 from torch import nn
 
 from tome_export.errors import UserError
-
-SUBLAYERS = ("modulation", "spatial", "temporal", "cross", "feedforward")
+from tome_export.merging.video_protocol import find_tdtm_blocks
 
 
 def merged_frames(num_frames: int) -> int:
@@ -96,10 +97,6 @@ class TdtmState:
         }
 
 
-def is_stdit_block(module: nn.Module) -> bool:
-    return all(callable(getattr(module, name, None)) for name in SUBLAYERS)
-
-
 def _tdtm_block_forward(
     self,
     x: torch.Tensor,
@@ -150,12 +147,7 @@ def apply_tdtm(model: nn.Module, merge_steps: int, num_steps: int | None = None)
     num_frames = getattr(model, "num_frames", None)
     if num_frames is not None and int(num_frames) < 2:
         raise UserError(f"TDTM merges frames in pairs, but {type(model).__name__} has T = {num_frames} frame(s)")
-    blocks = [m for m in model.modules() if is_stdit_block(m)]
-    if not blocks:
-        raise UserError(
-            f"{type(model).__name__} has no spatial-temporal blocks for method 'tdtm' "
-            f"(needs methods {', '.join(SUBLAYERS)}; see samples/stdit.py)"
-        )
+    blocks = find_tdtm_blocks(model)
     state = TdtmState(merge_steps, num_steps, int(num_frames) if num_frames is not None else None)
     for block in blocks:
         if type(block) not in _PATCHED.values():

@@ -1,4 +1,8 @@
-"""Comparison across devices: a text table, JSON, and PNG plots (matplotlib)."""
+"""Comparison across devices: a text table, JSON, and PNG plots (matplotlib).
+
+Owns turning stored records into one row per configuration (the latest record, how many
+repeats exist, whether the last two agree within their noise) and printing or plotting rows.
+"""
 
 from __future__ import annotations
 

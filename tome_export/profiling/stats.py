@@ -1,4 +1,6 @@
-"""Latency statistics and the repeatability rule the report states."""
+"""Latency statistics and the repeatability rule the report states: :func:`latency_stats`
+(median, p10/p90, spread in ms from timed runs) and :func:`medians_consistent` (two medians
+agree when they differ by at most the larger stated spread)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""Pick the merge ratio (and precision) that meets a latency budget with the best fidelity, from measured points."""
+"""Pick the merge ratio (and precision) that meets a latency budget with the best fidelity, from measured points.
+
+Owns ``tome-export tune``: parsing the budget, reusing points from the result store for the
+same model, device, input shape and tool version, measuring the missing candidates (export +
+:func:`tome_export.profiling.sweep.profile_bundle`) and choosing among them; candidates are
+r × precision.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ def tune(
     fidelity (cosine vs the unmerged fp32 model) a choice may have."""
     from tome_export.devices import get_device
     from tome_export.pipeline import ExportOptions, export
-    from tome_export.profiling.measure import profile_bundle, token_cap
+    from tome_export.profiling.sweep import profile_bundle, token_cap
 
     progress = progress or Progress(quiet=True)
     profile = get_device(device)

@@ -1,4 +1,6 @@
-"""Runtimes that build and run exported models, one per backend."""
+"""Runtimes that load and run exported models, one module per backend: ONNX Runtime
+(``onnxruntime``), its CUDA-graph variant (``ort_cuda``), the plugin ops' CPU implementation
+(``ort_custom_ops``) and the block-wise runner for dynamic loading (``dynamic``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""ONNX Runtime runner (CPU; CUDA when onnxruntime-gpu is installed)."""
+"""ONNX Runtime runner (CPU; CUDA when onnxruntime-gpu is installed).
+
+Owns :class:`OnnxRuntimeRunner`: one session per model (plugin-op library registered when
+the graph uses the plugin domain, optional profiling, spinning on or off), run on dicts of
+numpy arrays.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ class OnnxRuntimeRunner:
             options.intra_op_num_threads = intra_op_threads
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
