@@ -2,8 +2,8 @@
 
 Every variant is the project's export (``export_onnx``) converted by the same function the
 export path uses (``precision.convert``: merge nodes kept fp32; static calibrated on 8
-random inputs at seeds 1000-1007). Sessions without thread spinning take turns round-robin
-(warm-up, then the median of --runs runs each). Fidelity columns, on --fidelity-seeds
+random inputs at seeds 1000-1007). Timed with ``bench/harness.py``: sessions without
+thread spinning, interleaved round-robin (warm-up, then the median of --runs runs each). Fidelity columns, on --fidelity-seeds
 random inputs: cosine vs the same model in eager fp32, cosine vs the UNMERGED eager fp32
 model (what a user gets end to end), and per-layer merge-decision agreement (worst layer).
 Goals (issue 14): r=16 int8 ≥ 2.4× r=0 fp32 and ≥ 1.5× r=0 int8. One JSON object last.
@@ -14,12 +14,7 @@ Usage: python bench/bench_precision.py [--runs 30] [--model small|base] [--r 0,1
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tome_export  # noqa: E402
+from bench.harness import emit, interleaved, log, machine, ort_runner  # noqa: E402
 from samples import reference_vit  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.merging import merge_state  # noqa: E402
-from tome_export.precision import TOLERANCES, PrecisionPlan, convert  # noqa: E402
-from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
+from tome_export.precision import TOLERANCES, PrecisionPlan  # noqa: E402
+from tome_export.targets.precision_pass import convert  # noqa: E402
 from tome_export.verify import cosine  # noqa: E402
 
 PRECISIONS = (("fp32", None), ("int8", "dynamic"), ("int8", "static"))
@@ -45,7 +41,7 @@ def inputs(seed: int) -> torch.Tensor:
 
 
 def fidelity(model, unmerged, graph, decision_names: list[str], seeds: range) -> dict:
-    runner = OnnxRuntimeRunner(graph, spinning=False)
+    runner = ort_runner(graph)
     same, end_to_end, agreement = [], [], []
     for seed in seeds:
         x = inputs(seed)
@@ -83,21 +79,16 @@ def main() -> None:
             plan = PrecisionPlan(precision, mode, True, TOLERANCES[precision])
             graph, _ = convert(exported.with_decisions, plan, "onnx", calibration if mode == "static" else None)
             label = f"r={r} {precision}" + (f" {mode}" if mode else "")
-            row = {"label": label, "r": r, "precision": precision, "int8_mode": mode, "ms": []}
+            row = {"label": label, "r": r, "precision": precision, "int8_mode": mode}
             row.update(fidelity(model, unmerged, graph, exported.decision_names, range(args.fidelity_seeds)))
-            shipped_names = exported.output_names
-            session = OnnxRuntimeRunner(graph, spinning=False).session
-            row["run"] = lambda session=session, names=shipped_names: session.run(names, {"x": inputs(0).numpy()})
+            session = ort_runner(graph).session
+            feeds = {"x": inputs(0).numpy()}
+            row["run"] = lambda session=session, names=exported.output_names, feeds=feeds: session.run(names, feeds)
             variants.append(row)
-            print(f"prepared {label}: {row['cosine_vs_eager_fp32']}", file=sys.stderr)
-    for round_index in range(args.warmup + args.runs):  # interleaved: every variant sees the same load
-        for row in variants:
-            start = time.perf_counter()
-            row["run"]()
-            if round_index >= args.warmup:
-                row["ms"].append((time.perf_counter() - start) * 1e3)
+            log(f"prepared {label}: cosine {row['cosine_vs_eager_fp32']}")
+    timings = interleaved({row["label"]: row["run"] for row in variants}, runs=args.runs, warmup=args.warmup)
     by_label = {row["label"]: row for row in variants}
-    medians = {label: statistics.median(row["ms"]) for label, row in by_label.items()}
+    medians = {label: timings[label].median_ms for label in by_label}
     results = {}
     for label, row in by_label.items():
         base_int8 = medians.get(f"r=0 int8 {row['int8_mode']}") if row["int8_mode"] else None
@@ -117,19 +108,17 @@ def main() -> None:
                 "vs_r0_int8": results[key]["speedup_vs_r0_same_precision"],
                 "goal_1.5x": results[key]["speedup_vs_r0_same_precision"] >= 1.5,
             }
-    print(
-        json.dumps(
-            {
-                "bench": "precision_onnx_cpu",
-                "model": f"reference vit_{args.model}_patch16_224 (random weights)",
-                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
-                "onnxruntime": ort.__version__,
-                "torch": torch.__version__,
-                "runs": args.runs,
-                "results": results,
-                "goals": goals,
-            }
-        )
+    emit(
+        {
+            "bench": "precision_onnx_cpu",
+            "model": f"reference vit_{args.model}_patch16_224 (random weights)",
+            "machine": machine(),
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "runs": args.runs,
+            "results": results,
+            "goals": goals,
+        }
     )
 
 

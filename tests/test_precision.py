@@ -19,9 +19,10 @@ from tome_export.exporter.onnx_export import export_onnx
 from tome_export.graph_passes.fp16 import merge_nodes
 from tome_export.merging.methods import get_method
 from tome_export.options import ExportOptions
-from tome_export.precision import TOLERANCES, PrecisionPlan, Tolerance, convert, load_calibration, resolve_precision
+from tome_export.precision import TOLERANCES, PrecisionPlan, Tolerance, load_calibration, resolve_precision
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
 from tome_export.targets import get_target
+from tome_export.targets.precision_pass import convert
 from tome_export.verify import verify
 
 TINY = "samples.reference_vit:vit_tiny_test"
@@ -143,16 +144,16 @@ def test_int8_for_tensorrt_is_symmetric_with_float_bias(calibration):
 
 
 def test_resolve_precision_defaults_and_refusals():
+    def resolve(options, target, device):
+        return resolve_precision(options, target.name, target.precision(device))
+
     onnx_target, trt, coreml = get_target("onnx"), get_target("trt"), get_target("coreml")
-    assert resolve_precision(ExportOptions(TINY), onnx_target, get_device("cpu")).precision == "fp32"
-    plan = resolve_precision(ExportOptions(TINY), trt, get_device("jetson-orin-nano"))
+    assert resolve(ExportOptions(TINY), onnx_target, get_device("cpu")).precision == "fp32"
+    plan = resolve(ExportOptions(TINY), trt, get_device("jetson-orin-nano"))
     assert plan.precision == "fp16" and plan.tolerance == TOLERANCES["fp16"]
-    plan = resolve_precision(ExportOptions(TINY, precision="int8", min_cosine=0.5), onnx_target, get_device("cpu"))
+    plan = resolve(ExportOptions(TINY, precision="int8", min_cosine=0.5), onnx_target, get_device("cpu"))
     assert (plan.int8_mode, plan.tolerance.min_cosine, plan.tolerance.atol) == ("static", 0.5, None)
-    assert (
-        resolve_precision(ExportOptions(TINY, precision="int8"), coreml, get_device("apple-a17-pro")).int8_mode
-        == "weights"
-    )
+    assert resolve(ExportOptions(TINY, precision="int8"), coreml, get_device("apple-a17-pro")).int8_mode == "weights"
     for options, target in [
         (ExportOptions(TINY, precision="int8", int8_mode="dynamic"), trt),
         (ExportOptions(TINY, precision="int8", int8_mode="static"), coreml),
@@ -162,7 +163,7 @@ def test_resolve_precision_defaults_and_refusals():
         (ExportOptions(TINY, precision="fp16", min_cosine=2.0), onnx_target),
     ]:
         with pytest.raises(UserError):
-            resolve_precision(options, target, get_device("cpu"))
+            resolve(options, target, get_device("cpu"))
 
 
 @settings(max_examples=20, deadline=None)

@@ -62,7 +62,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     target = get_target(options.target or device.default_target)
     lowering = _lowering_for(options, target, device)
     method, method_opts = method_options(options)
-    precision = resolve_precision(options, target, device)
+    precision = resolve_precision(options, target.name, target.precision(device))
     if method.variants and not target.variants:
         raise UserError(
             f"--method {method.name} writes a merged and a full graph sharing weights; target {target.name!r} "

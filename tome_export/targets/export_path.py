@@ -1,7 +1,7 @@
 """The one export-and-verify path every target goes through.
 
 :func:`export_and_verify` is the sequence — export (with the target's lowering) → the
-precision pass (``precision.py``: fp16 / int8, merge kept fp32) → the target's graph passes → save the shipped graph → verify against eager PyTorch on the
+precision pass (``precision_pass.py``: fp16 / int8, merge kept fp32) → the target's graph passes → save the shipped graph → verify against eager PyTorch on the
 target's runtime → manifest entries (artifact, inputs, outputs, rewrites, lowering notes,
 custom domains) — and :func:`build_single` adds the target's build step (engines, build
 scripts, converted models) after it. TDTM's merged + full variants
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tome_export.exporter.onnx_export import OnnxExport, export_onnx
-from tome_export.precision import apply_precision
 from tome_export.targets.base import ExportContext, Target
 from tome_export.targets.common import io_spec, save_onnx, verify_against_eager
+from tome_export.targets.precision_pass import apply_precision
 
 MAIN_ARTIFACT = "model.onnx"
 

@@ -19,8 +19,8 @@ def verify_unmerged(ctx: ExportContext, target: Target) -> dict:
     from tome_export.exporter.load import load_model
     from tome_export.exporter.onnx_export import export_onnx
     from tome_export.inputs import make_inputs
-    from tome_export.precision import calibration_feeds, convert
     from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner
+    from tome_export.targets.precision_pass import calibration_feeds, convert
     from tome_export.verify import verify
 
     options, plan = ctx.options, ctx.precision
