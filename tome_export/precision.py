@@ -89,7 +89,7 @@ def resolve_precision(options: ExportOptions, target: str, default: str) -> Prec
         mode = options.int8_mode or modes[0]
         if mode not in modes:
             raise UserError(
-                f"target {target.name!r} runs int8 as {' or '.join(modes)}, not {mode!r}; use --int8-mode {modes[0]}"
+                f"target {target!r} runs int8 as {' or '.join(modes)}, not {mode!r}; use --int8-mode {modes[0]}"
             )
     elif options.int8_mode is not None:
         raise UserError("--int8-mode applies to --precision int8")
