@@ -20,6 +20,7 @@ EXPECTED = {
     "jetson-agx-orin": "trt",
     "apple-a17-pro": "coreml",
     "apple-m-series": "coreml",
+    **{f"nvidia-rtx-{gen}-{form}": "trt" for gen in ("ampere", "ada", "blackwell") for form in ("laptop", "desktop")},
 }
 
 
@@ -116,3 +117,16 @@ def test_memory_budget_is_enforced():
     with pytest.raises(UserError, match="memory budget"):
         check_memory_budget(types.SimpleNamespace(device=tiny, model=model))
     assert check_memory_budget(types.SimpleNamespace(device=get_device("jetson-orin-nano"), model=model)) > 0
+
+
+def test_rtx_profiles_target_tensorrt_for_rtx_capabilities():
+    from tome_export.targets.trt_rtx import SUPPORTED_CAPABILITIES
+
+    expected = {"ampere": "SM86", "ada": "SM89", "blackwell": "SM120"}
+    for name, device in profiles().items():
+        if not name.startswith("nvidia-rtx-"):
+            continue
+        assert device.get("tensorrt_flavour") == "rtx" and device.precision == "fp16"
+        assert device.get("compute_capabilities") == [expected[name.split("-")[2]]]
+        assert set(device.get("compute_capabilities")) <= set(SUPPORTED_CAPABILITIES)
+        assert 0 < device.memory_budget_mib < device.get("gpu_memory_gb") * 1024

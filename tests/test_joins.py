@@ -283,6 +283,7 @@ def test_contract_names_are_defined_once():
 def test_method_records_carry_what_is_method_specific(tmp_path):
     from tome_export.merging.methods import method_options
     from tome_export.pipeline import export
+    from tome_export.targets import TARGETS
 
     assert set(METHODS) == {"tome", "tomesd", "tdtm", "none"}
     assert [m.name for m in METHODS.values() if m.variants] == ["tdtm"]
@@ -300,7 +301,8 @@ def test_method_records_carry_what_is_method_specific(tmp_path):
     with pytest.raises(UserError, match="--ratio applies to method 'tomesd', not 'tome'"):
         method_options(ExportOptions(model="m", ratio=0.5))
     with pytest.raises(UserError, match="does not support that yet"):  # refused before loading the model
-        export(ExportOptions(model="no.such:model", method="tdtm", merge_steps=1, target="trt"))
+        export(ExportOptions(model="no.such:model", method="tdtm", merge_steps=1, target="coreml"))
+    assert {name for name, target in TARGETS.items() if target.variants} == {"onnx", "trt"}  # trt: engine per variant
 
 
 def test_export_options_come_from_the_cli_parameters():

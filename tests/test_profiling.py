@@ -97,7 +97,7 @@ def test_profile_twice_medians_within_stated_spread(tiny_bundle):
 @pytest.fixture(scope="module")
 def sweep_db(tiny_bundle, tmp_path_factory) -> tuple[Path, list[dict]]:
     db = tmp_path_factory.mktemp("db") / "results.sqlite"
-    records = profile_bundle(tiny_bundle, runs=10, warmup=2, sweep=[0, 8])  # r=8 is the bundle itself
+    records = profile_bundle(tiny_bundle, runs=10, warmup=2, sweep=[0, 8], trust_source=True)  # r=8 is the bundle itself
     with ResultStore(db) as store:
         store.add(records)
     return db, records
@@ -210,8 +210,9 @@ def test_default_db_respects_xdg_cache_home(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--sweep", "r=-1"], "out of range"),
-        (["--sweep", "r=33"], "r must be in 0..32"),
+        (["--sweep", "r=-1", "--trust-source"], "out of range"),
+        (["--sweep", "r=33", "--trust-source"], "r must be in 0..32"),
+        (["--sweep", "r=0,8"], "pass --trust-source"),
         (["--sweep", "ratio=3"], "use r=0,8,16"),
         (["--device", "no-such-device"], "unknown device 'no-such-device'"),
         (["--db", "FILE/sub/results.sqlite"], "cannot write the results database"),

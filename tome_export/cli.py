@@ -14,7 +14,7 @@ import sys
 import click
 
 from tome_export import __version__
-from tome_export.errors import TomeExportError, UserError
+from tome_export.errors import TomeExportError, UserError, first_line
 
 db_option = click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
@@ -61,29 +61,13 @@ def main() -> None:
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
 @click.option("--atol", type=float, default=None, help="Max abs error allowed (default: the precision's, fp32 1e-4).")
 @click.option("--min-cosine", type=float, default=None, help="Min output cosine vs eager (default: the precision's).")
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "fp16", "int8"]),
-    default=None,
-    help="Graph precision (default: the target's on the device profile; onnx: fp32).",
-)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Default: the target's on the device.")
 @click.option("--int8-mode", default=None, help="int8: static | dynamic (onnx), static (trt), weights (coreml).")
 @click.option("--calibration", default=None, help="int8 static: .npz with one array per input (K samples).")
-@click.option(
-    "--fp32-metric/--no-fp32-metric",
-    default=True,
-    show_default=True,
-    help="Reduced precision: keep the merge's nodes (metric, decisions, sizes) in fp32.",
-)
-@click.option(
-    "--no-unmerged-baseline", is_flag=True, help="Reduced precision: skip verifying the unmerged model at it too."
-)
+@click.option("--fp32-metric/--no-fp32-metric", default=True, help="fp16/int8: keep the merge's nodes in fp32.")
+@click.option("--no-unmerged-baseline", is_flag=True, help="fp16/int8: skip verifying the unmerged model at it too.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
-@click.option(
-    "--pin-decisions",
-    is_flag=True,
-    help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",
-)
+@click.option("--pin-decisions", is_flag=True, help="Also verify against eager pinned to the backend's decisions.")
 @click.option("--build-engine", is_flag=True, help="--target trt: require a TensorRT engine (exit 3 without TensorRT).")
 @click.option("--no-trt-check", is_flag=True, help="--target trt: skip the TensorRT-readiness check.")
 @click.option("--chunk-mb", type=float, default=None, help="--target coreml: max weights per model chunk (MB).")
@@ -91,16 +75,12 @@ def main() -> None:
 @click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
 @click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
 @click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd: merge up to this downsampling.")
-@click.option(
-    "--protected",
-    type=click.IntRange(0),
-    default=None,
-    help="Graph-level insertion: leading tokens never merged (default: detect a learned class token).",
-)
+@click.option("--protected", type=click.IntRange(0), help="Graph-level insertion: leading tokens never merged.")
 @click.option("--merge-steps", type=int, default=None, help="tdtm: first K denoising steps use merged frames.")
 @click.option("--num-steps", type=int, default=None, help="tdtm: denoising steps in all (default 30).")
 @click.option("--dynamic-loading", is_flag=True, help="Also split the graph into blocks loaded on demand.")
 @click.option("--memory-budget", default=None, help="Dynamic loading budget, e.g. 512MB (default: device's).")
+@click.option("--force", is_flag=True, help="Replace an -o folder tome-export did not write (kept aside).")
 @json_option("the manifest")
 @quiet_option
 def export_command(as_json: bool, quiet: bool, **params) -> None:
@@ -174,9 +154,17 @@ def _sweep_values(texts: tuple[str, ...]) -> tuple[list[int] | None, list[str] |
 @db_option
 @click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
+@click.option(
+    "--trust-source",
+    is_flag=True,
+    help="Re-load the source model the manifest names (runs its code) for fidelity, --sweep, --batch-sizes.",
+)
+@click.option("--source", default=None, help="MODEL to compare with / re-export (instead of the manifest's).")
 @json_option("the records")
 @quiet_option
-def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, as_json, quiet):
+def profile_command(
+    bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, trust_source, source, as_json, quiet
+):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
     from tome_export.profiling.report import summarize, table
@@ -187,7 +175,8 @@ def profile_command(bundle, device, runs, warmup, batch_sizes, sweep, db, no_fid
     sizes, (sweep_values, precisions) = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity, precisions
+            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity,
+            trust_source, source, precisions,
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")
@@ -226,6 +215,8 @@ def report_command(db, as_json, plots, import_file, device, model, quiet):
             progress.say(f"imported {added} new result(s) from {import_file}")
         where = {k: v for k, v in (("device", device), ("model", model)) if v}
         records = store.records(**where)
+        if store.unreadable:
+            progress.say(f"note: left out {store.unreadable} malformed stored result(s) in {store.path}")
     rows = summarize(records)
     if plots:
         for path in write_plots(records, rows, plots):
@@ -340,14 +331,48 @@ def tune_command(
         raise click.exceptions.Exit(1)
 
 
+DEBUG_ENV = "TOME_EXPORT_DEBUG"
+INTERNAL_ERROR = 70  # EX_SOFTWARE: not bad input, not a failed verification — a bug
+
+
+def _unexpected(exc: BaseException) -> int:
+    """One line for an error nobody anticipated (a bug): exit 70, the traceback on request."""
+    import os
+
+    from tome_export.bundle.writer import disk_error
+
+    if isinstance(exc, OSError):
+        problem = disk_error(exc, getattr(exc, "filename", None) or "the output")
+        if problem is not None:
+            click.echo(f"error: {problem}", err=True)
+            return 2
+    if os.environ.get(DEBUG_ENV):
+        import traceback
+
+        traceback.print_exception(exc)
+    first = first_line(exc, 300)
+    detail = "" if first == type(exc).__name__ else f": {first}"
+    click.echo(
+        f"error: unexpected {type(exc).__name__}{detail} "
+        f"(a bug in tome-export: please report it; {DEBUG_ENV}=1 shows the traceback)",
+        err=True,
+    )
+    return INTERNAL_ERROR
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Entry point: maps our errors and click's usage errors to one line and an exit code."""
+    """Entry point: maps our errors and click's usage errors to one line and an exit code;
+    anything else becomes one line too (``TOME_EXPORT_DEBUG=1`` prints the traceback)."""
     try:
         # Outside standalone mode click returns a command's Exit code instead of raising it.
         code = main.main(args=argv, prog_name="tome-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's wrapper of a KeyboardInterrupt
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            click.echo(f"error: interrupted{' by ' + str(cause) if str(cause) else ''}; nothing was written", err=True)
+            return getattr(cause, "exit_code", 130)
         click.echo("error: aborted", err=True)
         return 130
     except click.ClickException as exc:
@@ -356,9 +381,14 @@ def run(argv: list[str] | None = None) -> int:
     except TomeExportError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP during an export
+        click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing was written", err=True)
+        return getattr(exc, "exit_code", 130)
+    except RecursionError:
+        click.echo("error: input nested too deeply to process", err=True)
+        return 2
+    except Exception as exc:
+        return _unexpected(exc)
     return code if isinstance(code, int) else 0
 
 

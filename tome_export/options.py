@@ -52,6 +52,7 @@ class ExportOptions:
     num_steps: int | None = None  # tdtm: total denoising steps (default 30)
     dynamic_loading: bool = False
     memory_budget: str | None = None  # e.g. "512MB"; default: the device profile's
+    force: bool = False  # replace an -o folder tome-export did not write (kept aside, not deleted)
 
     @classmethod
     def from_cli(cls, params: dict[str, Any]) -> ExportOptions:

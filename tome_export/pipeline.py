@@ -17,6 +17,7 @@ from torch import nn
 
 from tome_export import __version__
 from tome_export.bundle import BundleWriter, preprocessing_for
+from tome_export.bundle.preflight import check_export_options
 from tome_export.devices import get_device
 from tome_export.errors import UserError, first_line
 from tome_export.exporter.insert import has_patcher, insert_for_export
@@ -58,6 +59,7 @@ def _lowering_for(options: ExportOptions, target: Target, device) -> str:
 def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Path, dict]:
     """Run the whole export; returns (bundle path, manifest). Raises UserError on bad input."""
     progress = progress or Progress(quiet=True)
+    check_export_options(options)
     device = get_device(options.device or "cpu")
     target = get_target(options.target or device.default_target)
     lowering = _lowering_for(options, target, device)
@@ -96,7 +98,8 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         from tome_export.exporter.onnx_export import input_names_for
 
         load_calibration(options.calibration, input_names_for(model, len(input_shapes)), input_shapes)
-    with BundleWriter(out) as bundle:
+    writer = BundleWriter(out, force=options.force)
+    with writer as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)
         ctx.precision = precision
         ctx.manifest.update(
@@ -116,7 +119,11 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
         build_bundle(ctx, target, build_tdtm_variants if method.variants else build_single)
         if budget is not None:
             add_dynamic_loading(ctx, budget)
+        if target.finalize is not None:
+            target.finalize(ctx)
         manifest = bundle.write_manifest(ctx.manifest)
+    if writer.aside is not None:
+        progress.say(f"--force: the folder that was at {out} is kept as {writer.aside}")
     return out, manifest
 
 

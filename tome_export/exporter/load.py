@@ -101,8 +101,8 @@ def _from_timm(name: str, weights: str | None) -> nn.Module:
     if weights:
         try:
             model.load_state_dict(_load_state_dict(weights))
-        except RuntimeError as exc:
-            raise UserError(f"--weights {weights} does not fit timm:{name}: {first_line(exc)}") from None
+        except Exception as exc:  # RuntimeError for missing/unexpected keys and size mismatches
+            raise UserError(f"--weights {weights} does not fit timm:{name}: {_error_summary(exc)}") from None
     return model
 
 
@@ -114,10 +114,21 @@ def _from_factory(spec: str) -> nn.Module:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"cannot import {module_name!r} for MODEL {spec!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # a syntax error or an exception raised while importing it
+        raise UserError(f"importing {module_name!r} for MODEL {spec!r} failed: {_error_summary(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise UserError(f"{module_name} has no callable {attr!r} (MODEL is package.module:callable)")
-    return factory()
+    try:
+        return factory()
+    except (Exception, SystemExit) as exc:
+        raise UserError(f"MODEL factory {spec!r} raised {_error_summary(exc)}; fix the factory") from None
+
+
+def _error_summary(exc: BaseException) -> str:
+    """``"ZeroDivisionError: division by zero"``: a user's code failed, so name the exception too."""
+    text = first_line(exc, 300)
+    return text if text == type(exc).__name__ else f"{type(exc).__name__}: {text}"
 
 
 def _from_file(path: str, trust_pickle: bool) -> nn.Module:
@@ -170,9 +181,19 @@ def _from_pt2(path: str, trust_pickle: bool) -> torch.export.ExportedProgram:
         raise UserError(f"model file {path} does not exist")
     try:
         with zipfile.ZipFile(file) as archive:
+            # Every member's CRC first: torch's reader does not check them, and a flipped
+            # byte in the weights would export (and "verify") a different model.
+            corrupt = archive.testzip()
+            if corrupt is not None:
+                raise UserError(f"{path} is corrupt: member {corrupt} fails its CRC check; save the archive again")
             unsafe = _pt2_pickled_members(archive)
-    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError):
-        raise UserError(f"{path} is not a torch.export archive (save one with torch.export.save)") from None
+    except UserError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        # ValueError covers malformed JSON and non-UTF-8 metadata (UnicodeDecodeError)
+        raise UserError(
+            f"{path} is not a readable torch.export archive ({_error_summary(exc)}); save one with torch.export.save"
+        ) from None
     if unsafe and not trust_pickle:
         raise UserError(
             f"{path} holds pickled objects ({', '.join(unsafe[:3])}); loading them runs code from the file. "
@@ -216,9 +237,13 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         module, short = _from_factory(spec), spec.rsplit(":", 1)[1]
     else:
         module, short = _from_file(spec, trust_pickle), Path(spec).stem
-    if weights and not spec.startswith("timm:"):
-        module.load_state_dict(_load_state_dict(weights))
     if not isinstance(module, nn.Module):
         raise UserError(f"MODEL {spec!r} gave a {type(module).__name__}, not a torch.nn.Module")
+    if weights and not spec.startswith("timm:"):
+        state = _load_state_dict(weights)
+        try:
+            module.load_state_dict(state)
+        except Exception as exc:
+            raise UserError(f"--weights {weights} does not fit MODEL {spec!r}: {_error_summary(exc)}") from None
     module.eval()
     return LoadedModel(module, short, spec, default_input_shape(module))

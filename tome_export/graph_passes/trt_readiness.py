@@ -6,6 +6,12 @@ available through a plugin; ScatterND with a reduction is rejected; some ops hav
 importer at all; DOUBLE is clamped to FLOAT; before TensorRT 10, INT64 is narrowed to
 INT32. Custom-domain nodes build only if a plugin of that name is registered.
 
+``flavour="rtx"``: TensorRT for RTX 1.7 as its own parser and builder behave (measured, and
+kept honest by tests/test_trt_parser_agreement.py, which compares this list with the real
+parser + builder on a set of graphs): NonZero has no importer, Cast to/from uint8 is refused, TopK ``sorted=0`` and ArgMax
+``select_last_index=1`` build, and a dynamic input dimension fails the build (no optimization
+profile is defined).
+
 Every finding names the node, says why, and what to do.
 """
 
@@ -57,6 +63,9 @@ UNSUPPORTED_DTYPES = {
     onnx.TensorProto.COMPLEX64: "complex64",
     onnx.TensorProto.COMPLEX128: "complex128",
 }
+# TensorRT for RTX 1.7: NonZero's importer needs a plugin its builds do not ship.
+RTX_UNSUPPORTED_OPS = UNSUPPORTED_OPS | {"NonZero"}
+FLAVOURS = ("standard", "rtx")
 FIX_MERGE = "export with --lowering dense (plain TensorRT layers) or --lowering plugin (fused merge plugin)"
 
 
@@ -140,11 +149,19 @@ def _value_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def check_trt_readiness(
-    model: onnx.ModelProto, trt_version: str = "10.3", plugins: tuple[tuple[str, str], ...] = (MERGE_PLUGIN,)
+    model: onnx.ModelProto,
+    trt_version: str = "10.3",
+    plugins: tuple[tuple[str, str], ...] = (MERGE_PLUGIN,),
+    flavour: str = "standard",
 ) -> ReadinessReport:
     """Check ``model`` against onnx-tensorrt's restrictions for TensorRT ``trt_version``.
 
-    ``plugins``: (domain, op_type) pairs whose plugin the build will register."""
+    ``plugins``: (domain, op_type) pairs whose plugin the build will register; ``flavour``:
+    ``standard`` TensorRT or ``rtx`` (TensorRT for RTX, see the module docstring)."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, not {flavour!r}")
+    rtx = flavour == "rtx"
+    unsupported = RTX_UNSUPPORTED_OPS if rtx else UNSUPPORTED_OPS
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:  # a check must not die on shape inference; dtypes are then partial
@@ -196,10 +213,10 @@ def check_trt_readiness(
                 )
             continue
         op = node.op_type
-        if op in UNSUPPORTED_OPS:
+        if op in unsupported:
             add(Finding("error", name, op, "no TensorRT importer for this op", "rewrite the model part without it"))
         elif op == "TopK":
-            if _attr(node, "sorted", 1) != 1:
+            if _attr(node, "sorted", 1) != 1 and not rtx:
                 add(Finding("error", name, op, "TensorRT supports only sorted=1", "export TopK with sorted=1"))
             k = constants.get(node.input[1]) if len(node.input) > 1 else None
             if k is None:
@@ -228,8 +245,10 @@ def check_trt_readiness(
             )
         elif op == "ScatterND" and _attr(node, "reduction", b"none") not in (b"none", "none"):
             add(Finding("error", name, op, "ScatterND with a reduction is rejected by TensorRT", FIX_MERGE))
-        elif op in ("ArgMax", "ArgMin") and _attr(node, "select_last_index", 0) != 0:
+        elif op in ("ArgMax", "ArgMin") and _attr(node, "select_last_index", 0) != 0 and not rtx:
             add(Finding("error", name, op, "select_last_index=1 is unsupported", "use select_last_index=0"))
+        if rtx and op == "Cast" and onnx.TensorProto.UINT8 in (_attr(node, "to"), types.get(node.input[0])):
+            add(Finding("error", name, op, "TensorRT for RTX casts uint8 only on DLA", "cast through int32 instead"))
         for tensor in [*node.input, *node.output]:
             dtype = types.get(tensor)
             if dtype in UNSUPPORTED_DTYPES:
@@ -270,7 +289,7 @@ def check_trt_readiness(
         if any(not d.HasField("dim_value") for d in dims):
             add(
                 Finding(
-                    "warning",
+                    "error" if rtx else "warning",
                     value.name,
                     "input",
                     "dynamic dimension: the engine needs an optimization profile",

@@ -97,7 +97,7 @@ def time_runs(run, feeds, runs: int, warmup: int, progress: Progress) -> list[fl
 
 
 def measure_onnx(
-    artifact: Path,
+    artifact: Path | bytes,
     feeds: dict[str, np.ndarray],
     providers: tuple[str, ...],
     runs: int,
@@ -123,7 +123,12 @@ def measure_onnx(
     runs_seen = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     first_kept = runs_seen[2] if len(runs_seen) > 2 else 0
     events = [e for e in events if e.get("ts", 0) >= first_kept]
-    table = node_attribution(onnx.load(str(artifact), load_external_data=False))
+    graph = (
+        onnx.load_from_string(artifact)
+        if isinstance(artifact, bytes)
+        else onnx.load(str(artifact), load_external_data=False)
+    )
+    table = node_attribution(graph)
     arena_peak = max(
         (int(e["args"]["mem_in_use_peak"]) for e in events if "mem_in_use_peak" in e.get("args", {})), default=None
     )
@@ -137,7 +142,7 @@ def measure_onnx(
     }
 
 
-def fidelity(artifact: Path, manifest: dict, reference, providers: tuple[str, ...]) -> dict:
+def fidelity(artifact: Path | bytes, manifest: dict, reference, providers: tuple[str, ...]) -> dict:
     """Cosine and top-1 agreement of the bundle's first output with the unmerged eager model."""
     import torch
 
@@ -165,14 +170,22 @@ def fidelity(artifact: Path, manifest: dict, reference, providers: tuple[str, ..
     }
 
 
-def load_reference(manifest: dict, trust_pickle: bool = False):
-    """The unmerged source model recorded in the manifest, or None if it cannot be loaded here."""
+def load_reference(manifest: dict, trust_pickle: bool = False, trust_source: bool = False, progress=None):
+    """The unmerged source model recorded in the manifest, or None if it cannot be loaded here.
+
+    The manifest is untrusted: re-loading its source imports code it names, so this needs
+    ``trust_source`` (``--trust-source``) and says what it imports."""
     from tome_export.exporter.load import load_model
 
-    source = manifest.get("source", {})
+    source = manifest.get("source") or {}
+    if not trust_source or not isinstance(source.get("model"), str):
+        return None
+    weights = source.get("weights") if isinstance(source.get("weights"), str) else None
+    if progress is not None:
+        progress.say(f"--trust-source: loading {source['model']!r} (named by the bundle's manifest), running its code")
     try:
-        return load_model(source["model"], source.get("weights"), trust_pickle).module.eval()
-    except (UserError, KeyError):
+        return load_model(source["model"], weights, trust_pickle).module.eval()
+    except UserError:
         return None
 
 

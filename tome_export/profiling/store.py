@@ -9,6 +9,7 @@ profile runs writing at the same moment both land their rows.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sqlite3
@@ -16,12 +17,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tome_export.errors import UserError
+from tome_export.errors import UserError, first_line
 
 RESULTS_SCHEMA = "tome-export-results"
 RESULTS_SCHEMA_VERSION = 1
 KEY_FIELDS = ("device", "model", "method", "schedule", "target", "tool_version", "batch_size")
 REQUIRED_FIELDS = (*KEY_FIELDS, "id", "created", "latency_ms")
+MAX_DEPTH = 32  # nesting a record may have (report and json.dumps must be able to walk it)
+MAX_TEXT = 500
 BUSY_TIMEOUT_S = 30.0
 RETRIES = 20
 
@@ -61,9 +64,66 @@ def _retry(action):
             time.sleep(0.05 * (attempt + 1) + random.random() * 0.05)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _depth(value: object, limit: int) -> int:
+    """Nesting depth of a JSON value, stopping past ``limit``."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    children = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
+
+
+def _check_numbers(table: object, where: str, optional: tuple[str, ...]) -> None:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} is not an object")
+    for key in optional:
+        if table.get(key) is not None and not _number(table[key]):
+            raise ValueError(f"{where}.{key} is not a finite number")
+
+
+def validate_record(rec: object) -> None:
+    """Raise ValueError (one line) unless ``rec`` is a result record every reader can use."""
+    if not isinstance(rec, dict):
+        raise ValueError("is not an object")
+    missing = [f for f in REQUIRED_FIELDS if f not in rec]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    for key in (*KEY_FIELDS[:-1], "id", "created"):
+        if not isinstance(rec[key], str) or not rec[key] or len(rec[key]) > MAX_TEXT:
+            raise ValueError(f"{key} is not a non-empty string")
+    if not isinstance(rec["batch_size"], int) or isinstance(rec["batch_size"], bool) or rec["batch_size"] < 1:
+        raise ValueError("batch_size is not a positive integer")
+    if rec.get("r") is not None and (not isinstance(rec["r"], int) or isinstance(rec["r"], bool) or rec["r"] < 0):
+        raise ValueError("r is not a non-negative integer or null")
+    latency = rec["latency_ms"]
+    if not isinstance(latency, dict) or not _number(latency.get("median")) or latency["median"] <= 0:
+        raise ValueError("needs latency_ms.median, a positive finite number of milliseconds")
+    _check_numbers(latency, "latency_ms", ("p10", "p90", "mean", "min", "max", "spread", "runs"))
+    if rec.get("throughput_per_s") is not None and not _number(rec["throughput_per_s"]):
+        raise ValueError("throughput_per_s is not a finite number")
+    if rec.get("breakdown") is not None:
+        breakdown = rec["breakdown"]
+        _check_numbers(breakdown, "breakdown", ("merge_share", "coverage", "merge_ms", "run_ms", "kernel_sum_ms"))
+        if breakdown.get("consistent") is not None and not isinstance(breakdown["consistent"], bool):
+            raise ValueError("breakdown.consistent is not true/false")
+        for key in ("by_layer", "merge_by_layer", "by_op"):
+            if breakdown.get(key) is not None:
+                _check_numbers(breakdown[key], f"breakdown.{key}", tuple(breakdown[key]))
+    if rec.get("fidelity") is not None:
+        _check_numbers(rec["fidelity"], "fidelity", ("cosine", "cosine_min", "top1_agreement"))
+    if rec.get("source") is not None and not isinstance(rec["source"], str):
+        raise ValueError("source is not a string")
+    if _depth(rec, MAX_DEPTH) > MAX_DEPTH:
+        raise ValueError(f"is nested deeper than {MAX_DEPTH} levels")
+
+
 class ResultStore:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path else default_db_path()
+        self.unreadable = 0  # rows the last records() call left out (malformed, from older versions)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -88,7 +148,15 @@ class ResultStore:
         self.close()
 
     def add(self, records: Iterable[dict]) -> int:
-        """Insert records in one transaction; records whose id is already stored are skipped."""
+        """Insert records in one transaction; records whose id is already stored are skipped.
+
+        Every record is validated first: one bad record stores nothing (UserError)."""
+        records = list(records)
+        for index, rec in enumerate(records):
+            try:
+                validate_record(rec)
+            except ValueError as exc:
+                raise UserError(f"result #{index} {exc}; nothing was stored") from None
         rows = [
             (
                 rec["id"],
@@ -130,7 +198,18 @@ class ResultStore:
             + " ORDER BY created, rowid"
         )
         rows = _retry(lambda: self.connection.execute(sql, tuple(where.values())).fetchall())
-        return [json.loads(row[0]) for row in rows]
+        # Rows stored by older versions (before records were validated) that readers can't use
+        # are left out and counted, not allowed to crash the report.
+        records, self.unreadable = [], 0
+        for (text,) in rows:
+            try:
+                record = json.loads(text)
+                validate_record(record)
+            except (ValueError, TypeError, RecursionError):
+                self.unreadable += 1
+                continue
+            records.append(record)
+        return records
 
 
 def results_document(records: list[dict]) -> dict:
@@ -143,22 +222,31 @@ def read_results_file(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"results file {path} does not exist")
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not a number JSON allows")
+
     try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+        document = json.loads(path.read_bytes().decode("utf-8"), parse_constant=reject)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not valid JSON: {first_line(exc, 200)}") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a results file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(document, dict) or document.get("schema") != RESULTS_SCHEMA:
         raise UserError(f'{path} is not a tome-export results file (need "schema": "{RESULTS_SCHEMA}")')
-    if document.get("schema_version", 0) > RESULTS_SCHEMA_VERSION:
+    version = document.get("schema_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"{path}: schema_version is not an integer")
+    if version > RESULTS_SCHEMA_VERSION:
         raise UserError(f"{path} has results schema version {document['schema_version']}; upgrade tome-export")
     records = document.get("results")
     if not isinstance(records, list):
         raise UserError(f'{path}: "results" must be a list of records')
     for index, rec in enumerate(records):
-        missing = [f for f in REQUIRED_FIELDS if not isinstance(rec, dict) or f not in rec]
-        if missing:
-            raise UserError(f"{path}: result #{index} lacks {', '.join(missing)}")
-        if not isinstance(rec["latency_ms"], dict) or "median" not in rec["latency_ms"]:
-            raise UserError(f"{path}: result #{index} needs latency_ms.median (milliseconds)")
+        try:
+            validate_record(rec)
+        except ValueError as exc:
+            raise UserError(f"{path}: result #{index} {exc}; nothing was imported") from None
         rec.setdefault("source", "imported")
     return records

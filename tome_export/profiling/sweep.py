@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tome_export.bundle import verify_bundle
+from tome_export.bundle import read_verified, verify_bundle
 from tome_export.devices import get_device
 from tome_export.errors import UserError
 from tome_export.profiling.measure import (
@@ -82,7 +82,7 @@ def export_variant(
         return export(options, quiet)
 
 
-def token_cap(manifest: dict, trust_pickle: bool = False) -> int | None:
+def token_cap(manifest: dict, trust_pickle: bool = False, trust_source: bool = False) -> int | None:
     """Largest constant r the bundle's model accepts (half its unprotected tokens)."""
     from tome_export.merging.bipartite import max_r
 
@@ -93,7 +93,7 @@ def token_cap(manifest: dict, trust_pickle: bool = False) -> int | None:
 
     from tome_export.merging import apply, merge_state
 
-    model = load_reference(manifest, trust_pickle)
+    model = load_reference(manifest, trust_pickle, trust_source)
     if model is None:
         return None
     apply(model, "tome", r=1)
@@ -115,17 +115,37 @@ def profile_bundle(
     progress: Progress | None = None,
     trust_pickle: bool = False,
     with_fidelity: bool = True,
+    trust_source: bool = False,
+    source: str | None = None,
     precisions: list[str] | None = None,
 ) -> list[dict]:
-    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios / precisions): one record each."""
+    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios / precisions): one record each.
+
+    Re-exports and the fidelity reference load the source model the manifest names: only
+    with ``trust_source`` (fidelity is skipped with a note otherwise), or ``source``: the
+    MODEL the user names instead (then the manifest's is not used)."""
     progress = progress or Progress(quiet=True)
     bundle = Path(bundle)
     manifest = verify_bundle(bundle)
-    device = get_device(device_name or manifest.get("device", "cpu"))
-    if manifest.get("target", "onnx") != "onnx" or not manifest.get("artifact"):
+    if source is not None:
+        manifest = {**manifest, "source": {**(manifest.get("source") or {}), "model": source, "weights": None}}
+        trust_source = True
+    device = get_device(device_name or manifest.get("device") or "cpu")
+    if (manifest.get("target") or "onnx") != "onnx" or not manifest.get("artifact"):
         raise UserError(
             f"{bundle}: profiling measures single-artifact ONNX bundles here (target {manifest.get('target')!r}); "
             "TensorRT layer profiles are not wired in this version"
+        )
+    if manifest.get("variants") or manifest.get("dynamic_loading") or manifest.get("shared_weights"):
+        raise UserError(
+            f"{bundle} holds TDTM variants or dynamic-loading blocks; profile measures one graph as it runs, "
+            "so it would mislabel them: time these bundles with bench/bench_video.py"
+        )
+    if (sweep is not None or batch_sizes or precisions) and not trust_source:
+        source = (manifest.get("source") or {}).get("model")
+        raise UserError(
+            f"--sweep/--batch-sizes re-export the source model the manifest names ({str(source)[:80]!r}), which "
+            "runs its code: pass --trust-source if you trust this bundle's author"
         )
     providers = tuple(device.providers) or ("CPUExecutionProvider",)
     if runs < 1 or warmup < 0:
@@ -136,7 +156,7 @@ def profile_bundle(
     if any(b < 1 for b in batch_sizes):
         raise UserError(f"--batch-sizes must be positive integers, got {batch_sizes}")
     if sweep is not None:
-        cap = token_cap(manifest, trust_pickle)
+        cap = token_cap(manifest, trust_pickle, trust_source)
         bad = [r for r in sweep if r < 0 or (cap is not None and r > cap)]
         if bad:
             raise UserError(
@@ -145,8 +165,13 @@ def profile_bundle(
     reference = None
     if with_fidelity:
         with progress.step("loading the unmerged source model for fidelity"):
-            reference = load_reference(manifest, trust_pickle)
-        if reference is None:
+            reference = load_reference(manifest, trust_pickle, trust_source, progress)
+        if reference is None and not trust_source:
+            progress.say(
+                "fidelity skipped: it re-loads the source model the manifest names, which runs its code "
+                "(pass --trust-source if you trust this bundle)"
+            )
+        elif reference is None:
             progress.say("fidelity skipped: the source model recorded in the manifest does not load here")
     records = []
     with tempfile.TemporaryDirectory(prefix="tome-profile-exports-") as tmp:
@@ -154,8 +179,9 @@ def profile_bundle(
         for index, (r, precision, batch) in enumerate(configs):
             same_r = r is None or schedule_key(manifest.get("merge", {}))[2] == r
             same_precision = precision is None or precision == manifest.get("precision")
-            if same_r and same_precision and (not static or batch == base_batch):  # the bundle itself
-                path, variant = bundle, manifest
+            if same_r and same_precision and (not static or batch == base_batch):  # the bundle itself: no re-export
+                # Measured from the verified bytes: the file can't change between check and use.
+                path, variant = read_verified(bundle, manifest, manifest["artifact"]), manifest
             else:
                 path, variant = export_variant(
                     manifest,
@@ -170,10 +196,11 @@ def profile_bundle(
             at = f", {variant.get('precision', 'fp32')}" if precisions else ""
             label = f"{schedule_key(variant.get('merge', {}))[1]}{at}, batch {batch}"
             with progress.step(f"measuring {label} on {device.name} ({warmup} warm-up + {runs} runs)"):
-                measured = measure_onnx(path / variant["artifact"], feeds, providers, runs, warmup, progress)
+                artifact = path if isinstance(path, bytes) else path / variant["artifact"]
+                measured = measure_onnx(artifact, feeds, providers, runs, warmup, progress)
             if reference is not None:
                 with progress.step(f"fidelity of {label} vs the unmerged model"):
-                    measured["fidelity"] = fidelity(path / variant["artifact"], variant, reference, providers)
+                    measured["fidelity"] = fidelity(artifact, variant, reference, providers)
             else:
                 measured["fidelity"] = None
             records.append(record_for(variant, device, measured, batch))

@@ -106,10 +106,12 @@ def tune(
                 )
                 with progress.step(f"exporting {model} at r={r}, {precision}"):
                     path, manifest = export(options, Progress(quiet=True))
-                cap = token_cap(manifest, trust_pickle)
+                cap = token_cap(manifest, trust_pickle, trust_source=True)  # the user named MODEL
                 if cap is not None and r > cap:
                     raise UserError(f"--candidates value {r} is beyond this model's cap r ≤ {cap}")
-                records = profile_bundle(path, profile.name, runs, warmup, progress=progress, trust_pickle=trust_pickle)
+                records = profile_bundle(
+                    path, profile.name, runs, warmup, progress=progress, trust_pickle=trust_pickle, trust_source=True
+                )
                 store.add(records)
                 points[(r, precision)] = {**_point(records[0]), "from": "measured now"}
     ordered = [points[key] for key in sorted(points)]

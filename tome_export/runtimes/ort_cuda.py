@@ -9,8 +9,9 @@ NOT verified here: this project's test machines have no GPU and no onnxruntime-g
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import onnx
 
 from tome_export.errors import BackendMissing, first_line
 
@@ -34,12 +35,12 @@ class CudaGraphRunner:
     name = "onnxruntime-cuda"
 
     def __init__(
-        self, model: onnx.ModelProto | bytes, cuda_graph: bool = True, tf32: bool = False, device_id: int = 0
+        self, model: Any, cuda_graph: bool = True, tf32: bool = False, device_id: int = 0
     ) -> None:
         import onnxruntime as ort
 
         require_cuda_provider()
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        data = model.SerializeToString() if hasattr(model, "SerializeToString") else model  # ModelProto or bytes
         base = {"device_id": str(device_id), "use_tf32": "1" if tf32 else "0"}
         self.cuda_graph = False
         self.session = None

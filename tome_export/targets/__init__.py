@@ -2,7 +2,7 @@
 
 ``TARGETS`` below is the one table of targets. Each :class:`Target` record (``base.py``)
 names its lowerings and the hooks it adds to the one export path (``export_path.py``):
-``onnx.py`` (ONNX Runtime), ``tensorrt.py`` (TensorRT-ready ONNX + engine/scripts),
+``onnx.py`` (ONNX Runtime), ``tensorrt.py`` (TensorRT-ready ONNX + engines or build scripts),
 ``coreml.py`` (Core ML mlprogram). ``tome_export.pipeline.export`` resolves options and
 runs the path for the chosen target.
 """

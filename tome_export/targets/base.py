@@ -2,8 +2,8 @@
 
 A target does not run its own export: ``targets/export_path.py`` runs the same steps for
 every target (export → graph passes → save → verify against eager → target build →
-manifest) and a :class:`Target` only contributes hooks for the steps where targets
-differ. A hook left as ``None`` is the default step (ONNX export with the context's
+manifest; once every graph of the bundle exists, the target's finalize) and a
+:class:`Target` only contributes hooks for the steps where targets differ. A hook left as ``None`` is the default step (ONNX export with the context's
 lowering; verification on ONNX Runtime CPU).
 """
 
@@ -54,6 +54,7 @@ Export = Callable[[ExportContext], "OnnxExport"]
 GraphPasses = Callable[[ExportContext, "OnnxExport"], None]
 Verifier = Callable[[ExportContext, "OnnxExport"], tuple[Any, str]]  # (runner with .run(feeds), runtime label)
 Build = Callable[[ExportContext, "OnnxExport", str, Any], None]  # (ctx, export, ONNX file name, verifying runner)
+Finalize = Callable[[ExportContext], None]
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class Target:
     uses_onnx_lowering: bool = True  # False: the target lowers merges itself (Core ML: dense torch ops)
     device_precision: bool = True  # False: always fp32, whatever the device profile says
     variants: bool = False  # can write TDTM's merged + full graphs sharing weights
+    # Once every graph of the bundle exists (TDTM variants, dynamic-loading blocks; pipeline.py
+    # runs it after dynamic loading, before the manifest is written): engines built per graph.
+    finalize: Finalize | None = None
 
     def precision(self, device: DeviceProfile) -> str:
         return device.precision if self.device_precision else "fp32"

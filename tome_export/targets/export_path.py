@@ -1,8 +1,9 @@
 """The one export-and-verify path every target goes through.
 
 :func:`export_and_verify` is the sequence — export (with the target's lowering) → the
-precision pass (``precision_pass.py``: fp16 / int8, merge kept fp32) → the target's graph passes → save the shipped graph → verify against eager PyTorch on the
-target's runtime → manifest entries (artifact, inputs, outputs, rewrites, lowering notes,
+precision pass (``precision_pass.py``: fp16 / int8, merge kept fp32) → the target's graph
+passes → save the shipped graph → verify against eager PyTorch on the target's runtime →
+manifest entries (artifact, inputs, outputs, rewrites, the opset written, lowering notes,
 custom domains) — and :func:`build_single` adds the target's build step (engines, build
 scripts, converted models) after it. TDTM's merged + full variants
 (``targets/video.py``) call the same function once per variant. A target changes the
@@ -60,6 +61,8 @@ def export_and_verify(ctx: ExportContext, target: Target, artifact: str = MAIN_A
                 "inputs": io_spec(graph.input, exported.input_names),
                 "outputs": io_spec(graph.output, exported.output_names),
                 "rewrites": exported.rewrites,
+                # The opset the exporter really wrote (torch.onnx may raise the requested one).
+                "opset": next(o.version for o in exported.model.opset_import if o.domain in ("", "ai.onnx")),
             }
         )
     if exported.custom_domains:

@@ -1,4 +1,4 @@
-"""Bundle steps for video diffusion models: TDTM variants and dynamic loading (ONNX target).
+"""Bundle steps for video diffusion models: TDTM variants and dynamic loading (ONNX and TensorRT targets).
 
 - ``build_tdtm_variants`` (the builder of methods whose record asks for variants): one
   export command writes the merged graph (used in the first ``merge_steps`` denoising
