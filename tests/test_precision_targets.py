@@ -87,7 +87,8 @@ def test_profile_sweeps_precision(tmp_path):
     from tome_export.profiling import profile_bundle
 
     _export(tmp_path, model=TINY, r=8, min_cosine=0.5)  # the bundle's tolerance carries to the re-exports
-    records = profile_bundle(tmp_path / "bundle", runs=2, warmup=1, precisions=["fp32", "int8"], with_fidelity=True)
+    records = profile_bundle(tmp_path / "bundle", runs=2, warmup=1, precisions=["fp32", "int8"], with_fidelity=True,
+                             trust_source=True)
     assert [rec["precision"] for rec in records] == ["fp32", "int8"]
     assert all(rec["r"] == 8 and rec["fidelity"] is not None for rec in records)
     assert records[0]["fidelity"] != records[1]["fidelity"]  # the int8 re-export really is another graph

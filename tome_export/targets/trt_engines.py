@@ -158,7 +158,10 @@ def _build_one(ctx, artifact: str, entry: dict, precision: str, capabilities, re
     stem = artifact[: -len(".onnx")] if artifact.endswith(".onnx") else artifact
     source = artifact
     record: dict = {"onnx": artifact}
-    if precision == "fp16" and not _has_fp16(bundle / artifact):  # the precision pass converted it already
+    if precision == "fp16" and _has_fp16(bundle / artifact):  # the precision pass converted (and verified) it
+        kept = ctx.manifest.get("precision_detail", {}).get("fp32_nodes", [])
+        record["fp16"] = {"converted_by": "precision pass (precision_detail)", "kept_fp32_nodes": len(kept)}
+    elif precision == "fp16":
         source, record["fp16"] = _write_fp16(ctx, artifact, stem, entry is ctx.manifest)
     engine_name = f"{stem}.engine"
     with ctx.progress.step(f"building {engine_name} with {trt_rtx.FLAVOUR} ({precision}, no GPU needed)"):
