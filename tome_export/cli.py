@@ -59,49 +59,31 @@ def main() -> None:
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs its code).")
 @click.option("--no-verify", is_flag=True, help="Skip the check against eager PyTorch.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True, help="Random inputs to verify on.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Max abs error allowed.")
+@click.option("--atol", type=float, default=None, help="Max abs error allowed (default: the precision's, fp32 1e-4).")
+@click.option("--min-cosine", type=float, default=None, help="Min output cosine vs eager (default: the precision's).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Default: the target's on the device.")
+@click.option("--int8-mode", default=None, help="int8: static | dynamic (onnx), static (trt), weights (coreml).")
+@click.option("--calibration", default=None, help="int8 static: .npz with one array per input (K samples).")
+@click.option("--fp32-metric/--no-fp32-metric", default=True, help="fp16/int8: keep the merge's nodes in fp32.")
+@click.option("--no-unmerged-baseline", is_flag=True, help="fp16/int8: skip verifying the unmerged model at it too.")
 @click.option("--no-prop-attn", is_flag=True, help="Disable proportional attention.")
-@click.option(
-    "--split",
-    type=click.Choice(["official", "prefix"]),
-    default=None,
-    help="tome: A/B split — official ToMe (class/distillation tokens; default there) or prefix (registers).",
-)
-@click.option(
-    "--pin-decisions",
-    is_flag=True,
-    help="Also verify against eager pinned to the backend's merge decisions (tells flipped near-ties from bugs).",
-)
+@click.option("--split", type=click.Choice(["official", "prefix"]), help="tome: A/B split (official ToMe, or prefix).")
+@click.option("--pin-decisions", is_flag=True, help="Also verify against eager pinned to the backend's decisions.")
 @click.option("--build-engine", is_flag=True, help="--target trt: require a TensorRT engine (exit 3 without TensorRT).")
 @click.option("--no-trt-check", is_flag=True, help="--target trt: skip the TensorRT-readiness check.")
 @click.option("--chunk-mb", type=float, default=None, help="--target coreml: max weights per model chunk (MB).")
 @click.option("--ratio", type=float, default=None, help="tomesd: fraction of tokens merged (default 0.5).")
 @click.option("--sx", type=int, default=2, show_default=True, help="tomesd: destination stride along x.")
 @click.option("--sy", type=int, default=2, show_default=True, help="tomesd: destination stride along y.")
-@click.option(
-    "--max-downsample",
-    type=int,
-    default=1,
-    show_default=True,
-    help="tomesd/todo: patch blocks up to this downsampling.",
-)
-@click.option(
-    "--downsample", type=float, default=None, help="todo: key/value downsampling factor per side (default 2)."
-)
-@click.option("--component", default=None, help="MODEL is a diffusers pipeline folder: its component (default unet).")
-@click.option(
-    "--protected",
-    type=click.IntRange(0),
-    default=None,
-    help="Graph-level insertion: leading tokens never merged (default: detect a learned class token).",
-)
+@click.option("--max-downsample", type=int, default=1, show_default=True, help="tomesd/todo: up to this downsampling.")
+@click.option("--downsample", type=float, default=None, help="todo: key/value downsampling per side (default 2).")
+@click.option("--component", default=None, help="A diffusers pipeline folder's component (default unet).")
+@click.option("--protected", type=click.IntRange(0), help="Graph-level insertion: leading tokens never merged.")
 @click.option("--merge-steps", type=int, default=None, help="tdtm: first K denoising steps use merged frames.")
 @click.option("--num-steps", type=int, default=None, help="tdtm: denoising steps in all (default 30).")
 @click.option("--dynamic-loading", is_flag=True, help="Also split the graph into blocks loaded on demand.")
 @click.option("--memory-budget", default=None, help="Dynamic loading budget, e.g. 512MB (default: device's).")
-@click.option(
-    "--force", is_flag=True, help="Replace an -o folder tome-export did not write (the old one is kept aside)."
-)
+@click.option("--force", is_flag=True, help="Replace an -o folder tome-export did not write (kept aside).")
 @json_option("the manifest")
 @quiet_option
 def export_command(as_json: bool, quiet: bool, **params) -> None:
@@ -144,13 +126,21 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-def _sweep_values(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    name, sep, values = text.partition("=")
-    if not sep or name.strip() != "r":
-        raise UserError(f"--sweep {text!r} is malformed: use r=0,8,16")
-    return _int_list(values, "--sweep")
+def _sweep_values(texts: tuple[str, ...]) -> tuple[list[int] | None, list[str] | None]:
+    """``--sweep r=0,8,16`` and/or ``--sweep precision=fp32,int8`` → (r values, precisions)."""
+    r_values, precisions = None, None
+    for text in texts:
+        name, sep, values = text.partition("=")
+        if sep and name.strip() == "r":
+            r_values = _int_list(values, "--sweep")
+        elif sep and name.strip() == "precision":
+            precisions = [v.strip() for v in values.split(",") if v.strip()]
+            bad = [p for p in precisions if p not in ("fp32", "fp16", "int8")]
+            if bad or not precisions:
+                raise UserError(f"--sweep {text!r}: precisions are fp32, fp16, int8 (e.g. precision=fp32,int8)")
+        else:
+            raise UserError(f"--sweep {text!r} is malformed: use r=0,8,16 or precision=fp32,int8")
+    return r_values, precisions
 
 
 @main.command("profile")
@@ -159,32 +149,16 @@ def _sweep_values(text: str | None) -> list[int] | None:
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs.")
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed warm-up runs.")
 @click.option("--batch-sizes", default=None, help="e.g. 1,8: throughput per batch size (re-exports a static bundle).")
-@click.option("--sweep", default=None, help="r=0,8,16: re-export at each r, measure speed and fidelity.")
+@click.option("--sweep", multiple=True, help="r=0,8,16 and/or precision=fp32,int8 (repeat for a grid): re-export each.")
 @db_option
 @click.option("--no-fidelity", is_flag=True, help="Skip the comparison with the unmerged model.")
 @click.option("--trust-pickle", is_flag=True, help="Allow re-loading a pickled source model.")
-@click.option(
-    "--trust-source",
-    is_flag=True,
-    help="Re-load the source model the manifest names (runs its code) for fidelity, --sweep, --batch-sizes.",
-)
+@click.option("--trust-source", is_flag=True, help="Re-load the manifest's source model (runs its code).")
 @click.option("--source", default=None, help="MODEL to compare with / re-export (instead of the manifest's).")
 @json_option("the records")
 @quiet_option
 def profile_command(
-    bundle,
-    device,
-    runs,
-    warmup,
-    batch_sizes,
-    sweep,
-    db,
-    no_fidelity,
-    trust_pickle,
-    trust_source,
-    source,
-    as_json,
-    quiet,
+    bundle, device, runs, warmup, batch_sizes, sweep, db, no_fidelity, trust_pickle, trust_source, source, as_json, quiet
 ):
     """Measure BUNDLE's latency, throughput, memory and per-op breakdown; store the results."""
     from tome_export.profiling import ResultStore, profile_bundle
@@ -193,20 +167,11 @@ def profile_command(
     from tome_export.progress import Progress
 
     progress = Progress(quiet)
-    sizes, sweep_values = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
+    sizes, (sweep_values, precisions) = _int_list(batch_sizes, "--batch-sizes"), _sweep_values(sweep)
     with ResultStore(db) as store:  # opened first: an unwritable --db fails before measuring
         records = profile_bundle(
-            bundle,
-            device,
-            runs,
-            warmup,
-            sizes,
-            sweep_values,
-            progress,
-            trust_pickle,
-            not no_fidelity,
-            trust_source,
-            source,
+            bundle, device, runs, warmup, sizes, sweep_values, progress, trust_pickle, not no_fidelity,
+            trust_source, source, precisions,
         )
         store.add(records)
     progress.say(f"stored {len(records)} result(s) in {store.path}")
@@ -282,12 +247,14 @@ def import_results_command(file, db, quiet):
 @click.option("--runs", type=int, default=20, show_default=True)
 @click.option("--warmup", type=int, default=3, show_default=True)
 @click.option("--remeasure", is_flag=True, help="Ignore stored points and measure every candidate.")
+@click.option("--precisions", default="fp32", show_default=True, help="Precisions to consider, e.g. fp32,int8.")
+@click.option("--min-cosine", type=float, default=None, help="Least fidelity (cosine vs unmerged fp32) to accept.")
 @db_option
 @click.option("--trust-pickle", is_flag=True)
 @json_option("the decision")
 @quiet_option
 def tune_command(
-    model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, db, trust_pickle, as_json, quiet
+    model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, precisions, min_cosine, db, trust_pickle, as_json, quiet
 ):
     """Find the r that meets a latency budget on DEVICE with the best fidelity (exit 1 if none does)."""
     from tome_export.options import parse_input_shape
@@ -302,9 +269,24 @@ def tune_command(
     from tome_export.devices import get_device
 
     get_device(device)
+    precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not precision_list or any(p not in ("fp32", "fp16", "int8") for p in precision_list):
+        raise UserError(f"--precisions {precisions!r}: give fp32, fp16 and/or int8 like fp32,int8")
     with ResultStore(db) as store:
         decision = tune(
-            model, device, budget_ms, values, store, input_shape, runs, warmup, remeasure, Progress(quiet), trust_pickle
+            model,
+            device,
+            budget_ms,
+            values,
+            store,
+            input_shape,
+            runs,
+            warmup,
+            remeasure,
+            Progress(quiet),
+            trust_pickle,
+            precision_list,
+            min_cosine,
         )
     if as_json:
         click.echo(json.dumps(decision, indent=2))
@@ -313,10 +295,14 @@ def tune_command(
             mark = "→" if decision["choice"] is p else " "
             cos = "-" if p["cosine"] is None else f"{p['cosine']:.4f}"
             top1 = "-" if p["top1_agreement"] is None else f"{p['top1_agreement']:.1%}"
-            click.echo(f"{mark} {p['schedule']:<8} {p['median_ms']:8.2f} ms  cosine {cos}  top-1 {top1}  ({p['from']})")
+            click.echo(
+                f"{mark} {p['schedule']:<8} {p['precision']:<5} {p['median_ms']:8.2f} ms  cosine {cos}  "
+                f"top-1 {top1}  ({p['from']})"
+            )
         if decision["met"]:
             click.echo(
-                f"choose {decision['choice']['schedule']}: {decision['choice']['median_ms']:.2f} ms ≤ {budget_ms:g} ms budget"
+                f"choose {decision['choice']['schedule']} {decision['choice']['precision']}: "
+                f"{decision['choice']['median_ms']:.2f} ms ≤ {budget_ms:g} ms budget"
             )
         else:
             fastest = decision["fastest"]

@@ -29,7 +29,13 @@ class ExportOptions:
     opset: int = 18
     verify: bool = True
     seeds: int = 3
-    atol: float = 1e-4
+    atol: float | None = None  # None: the precision's tolerance (precision.TOLERANCES)
+    min_cosine: float | None = None  # None: the precision's tolerance
+    precision: str | None = None  # fp32 | fp16 | int8; None: the target's precision on the device profile
+    int8_mode: str | None = None  # static | dynamic (onnx), static (trt), weights (coreml); None: the target's first
+    calibration: str | None = None  # int8 static: an .npz of calibration inputs (default: random inputs)
+    fp32_metric: bool = True  # reduced precision: the merge's nodes (metric, decisions, sizes) stay fp32
+    unmerged_baseline: bool = True  # reduced precision: also verify the unmerged model at that precision
     weights: str | None = None
     trust_pickle: bool = False
     prop_attn: bool = True

@@ -27,6 +27,7 @@ from tome_export.inputs import default_input_shapes, make_inputs
 from tome_export.merging import Method, merge_state
 from tome_export.merging.methods import method_options
 from tome_export.options import ExportOptions, parse_input_shape
+from tome_export.precision import load_calibration, resolve_precision
 from tome_export.progress import Progress
 from tome_export.targets import ExportContext, Target, get_target
 from tome_export.targets.export_path import build_bundle, build_single
@@ -63,6 +64,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
     target = get_target(options.target or device.default_target)
     lowering = _lowering_for(options, target, device)
     method, method_opts = method_options(options)
+    precision = resolve_precision(options, target.name, target.precision(device))
     if method.variants and not target.variants:
         raise UserError(
             f"--method {method.name} writes a merged and a full graph sharing weights; target {target.name!r} "
@@ -98,9 +100,14 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             f"method {method.name!r} found no transformer block at downsampling ≤ {options.max_downsample} in "
             f"{options.model}; raise --max-downsample (SDXL's first attention level is 2)"
         )
+    if options.calibration is not None:  # a file that does not fit the inputs: exit 2 before any work
+        from tome_export.exporter.onnx_export import input_names_for
+
+        load_calibration(options.calibration, input_names_for(model, len(input_shapes)), input_shapes)
     writer = BundleWriter(out, force=options.force)
     with writer as bundle:
         ctx = ExportContext(options, loaded, model, input_shapes, device, lowering, progress, bundle.path)
+        ctx.precision = precision
         ctx.manifest.update(
             {
                 "tome_export_version": __version__,
@@ -110,7 +117,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
                 "device": device.name,
                 "lowering": lowering,
                 "opset": options.opset,
-                "precision": target.precision(device),
+                "precision": precision.precision,
                 "preprocessing": preprocessing_for(loaded.module, input_shapes),
                 "merge": _merge_manifest(model, method),
             }

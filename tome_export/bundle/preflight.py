@@ -24,8 +24,9 @@ def check_export_options(options) -> None:
     opset = options.opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset {opset} is not supported: the exporter emits opsets {MIN_OPSET} to {MAX_OPSET}")
-    atol = options.atol
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+    atol = options.atol  # None: the precision's default tolerance (tome_export/precision.py)
+    bad_atol = isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0
+    if atol is not None and bad_atol:
         raise UserError(f"--atol {atol} is not a tolerance: give a finite number ≥ 0 like 1e-4")
     if options.verify and (isinstance(options.seeds, bool) or not isinstance(options.seeds, int) or options.seeds < 1):
         raise UserError(f"--seeds {options.seeds} must be a positive integer")

@@ -8,7 +8,11 @@ stay float32, so the discrete merge decisions see fp32 scores. The size-weighted
 tokens themselves runs in fp16 like the rest of the network. Graph inputs and outputs stay
 float32 (Casts at the edges), so the bundle's interface does not change.
 
-Minimal on purpose (the precision work generalises it); subgraphs (If/Loop) are not converted.
+``keep`` chooses the fp32 region: :func:`metric_nodes` (the default, what TensorRT needs),
+:func:`merge_nodes` (every node of the merge lowering: metric, decisions and the size
+bookkeeping — the ``--precision fp16`` default), or any set of node indices;
+:func:`runtime_fp32_nodes` adds the ops ONNX Runtime CPU has no fp16 kernel for.
+Subgraphs (If/Loop) are not converted.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ from onnx import TensorProto, helper, numpy_helper
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 MERGE_MARK = "torch.ops.tome_export."
 METRIC_ENTRY_OPS = ("ReduceL2", "LpNormalization")  # the lowering's first op on the metric
-# Inputs the ONNX spec types as tensor(float) whatever the data type (Resize's scales).
-FLOAT32_INPUTS = {"Resize": (2,), "Upsample": (1,)}
 
 
 def _is_merge_node(node: onnx.NodeProto) -> bool:
@@ -64,20 +66,44 @@ def metric_nodes(model: onnx.ModelProto) -> set[int]:
     return kept
 
 
-def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """(fp16 copy of ``model``, summary: nodes kept fp32, casts inserted)."""
+def merge_nodes(model: onnx.ModelProto) -> set[int]:
+    """Indices of every node a merge lowering emitted (metric, matching, size-weighted merge, sizes)."""
+    return {i for i, n in enumerate(model.graph.node) if _is_merge_node(n)}
+
+
+# Inputs the ONNX spec types tensor(float) only, whatever the data's type (Resize's scales).
+FLOAT_ONLY_INPUTS = {("Resize", 2), ("Upsample", 1)}
+
+# Ops ONNX Runtime's CPU provider cannot run in float16 (checked at run time, not at load).
+ORT_CPU_FP32_ONLY = ("ScatterND", "ScatterElements")
+
+
+def runtime_fp32_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ORT_CPU_FP32_ONLY) -> set[int]:
+    """Indices of nodes whose op has no fp16 kernel on the runtime (a reduction scatter on ORT CPU)."""
+    return {
+        i
+        for i, n in enumerate(model.graph.node)
+        if n.op_type in op_types and any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)
+    }
+
+
+def to_fp16(model: onnx.ModelProto, keep: set[int] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """(fp16 copy of ``model``, summary: nodes kept fp32 and their names, casts inserted).
+
+    ``keep``: indices of the nodes left in fp32 (default :func:`metric_nodes`)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    kept = metric_nodes(model)
+    kept = metric_nodes(model) if keep is None else set(keep)
+    kept_names = sorted(model.graph.node[i].name for i in kept)
     floats = _float_tensors(model)
     graph = model.graph
     nodes = list(graph.node)
     producer_kept = {o: (i in kept) for i, n in enumerate(nodes) for o in n.output}
     inits = {t.name: t for t in graph.initializer}
-    def wants_float(i: int, j: int) -> bool:
-        return i in kept or j in FLOAT32_INPUTS.get(nodes[i].op_type, ())
+    def float_slot(i: int, j: int) -> bool:
+        return i in kept or (nodes[i].op_type, j) in FLOAT_ONLY_INPUTS
 
-    used_by_half = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if not wants_float(i, j)}
-    used_by_float = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if wants_float(i, j)}
+    used_by_half = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if not float_slot(i, j)}
+    used_by_float = {name for i, n in enumerate(nodes) for j, name in enumerate(n.input) if float_slot(i, j)}
 
     new_inits = []
     for t in graph.initializer:
@@ -110,7 +136,7 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         for j, name in enumerate(node.input):
             if name not in floats:
                 continue
-            if wants_float(i, j):
+            if float_slot(i, j):
                 if name in graph_inputs:
                     continue
                 if name in inits and name in used_by_half:
@@ -141,7 +167,7 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     del graph.node[:]
     graph.node.extend(out_nodes)
     del graph.value_info[:]  # stale float types; ONNX Runtime and TensorRT infer them
-    return model, {"kept_fp32_nodes": len(kept), "casts_inserted": casts}
+    return model, {"kept_fp32_nodes": len(kept), "casts_inserted": casts, "fp32_node_names": kept_names}
 
 
 def _retype_node(node: onnx.NodeProto) -> None:

@@ -33,8 +33,9 @@ def export_variant(
     r: int | None = None,
     batch: int | None = None,
     trust_pickle: bool = False,
+    precision: str | None = None,
 ) -> tuple[Path, dict]:
-    """Re-export the bundle's source model with another r and/or batch size (same target)."""
+    """Re-export the bundle's source model with another r, batch size and/or precision (same target)."""
     from tome_export.pipeline import ExportOptions, export
 
     source = manifest.get("source", {})
@@ -59,6 +60,13 @@ def export_variant(
         trust_pickle=trust_pickle,
         prop_attn=merge.get("prop_attn", True),
     )
+    options.min_cosine = manifest.get("verification", {}).get("min_cosine")  # the bundle's tolerance, if set
+    if precision is None or precision == manifest.get("precision"):
+        # the bundle's precision (a re-export of an int8 bundle stays int8, same mode)
+        options.precision = manifest.get("precision")
+        options.int8_mode = manifest.get("precision_detail", {}).get("int8_mode")
+    else:  # another precision: its default int8 mode
+        options.precision = precision
     if r is not None:
         options.r = r
     elif method == "none":
@@ -109,8 +117,9 @@ def profile_bundle(
     with_fidelity: bool = True,
     trust_source: bool = False,
     source: str | None = None,
+    precisions: list[str] | None = None,
 ) -> list[dict]:
-    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios): one record each.
+    """Profile a bundle (and its re-exports for other batch sizes / sweep ratios / precisions): one record each.
 
     Re-exports and the fidelity reference load the source model the manifest names: only
     with ``trust_source`` (fidelity is skipped with a note otherwise), or ``source``: the
@@ -132,7 +141,7 @@ def profile_bundle(
             f"{bundle} holds TDTM variants or dynamic-loading blocks; profile measures one graph as it runs, "
             "so it would mislabel them: time these bundles with bench/bench_video.py"
         )
-    if (sweep is not None or batch_sizes) and not trust_source:
+    if (sweep is not None or batch_sizes or precisions) and not trust_source:
         source = (manifest.get("source") or {}).get("model")
         raise UserError(
             f"--sweep/--batch-sizes re-export the source model the manifest names ({str(source)[:80]!r}), which "
@@ -166,10 +175,11 @@ def profile_bundle(
             progress.say("fidelity skipped: the source model recorded in the manifest does not load here")
     records = []
     with tempfile.TemporaryDirectory(prefix="tome-profile-exports-") as tmp:
-        configs: list[tuple[int | None, int]] = [(r, b) for r in (sweep or [None]) for b in batch_sizes]
-        for index, (r, batch) in enumerate(configs):
+        configs = [(r, p, b) for r in (sweep or [None]) for p in (precisions or [None]) for b in batch_sizes]
+        for index, (r, precision, batch) in enumerate(configs):
             same_r = r is None or schedule_key(manifest.get("merge", {}))[2] == r
-            if same_r and (not static or batch == base_batch):  # the bundle itself: no re-export
+            same_precision = precision is None or precision == manifest.get("precision")
+            if same_r and same_precision and (not static or batch == base_batch):  # the bundle itself: no re-export
                 # Measured from the verified bytes: the file can't change between check and use.
                 path, variant = read_verified(bundle, manifest, manifest["artifact"]), manifest
             else:
@@ -180,9 +190,11 @@ def profile_bundle(
                     r=r,
                     batch=batch if static else None,
                     trust_pickle=trust_pickle,
+                    precision=precision,
                 )
             feeds = random_feeds(variant, 0, None if static else batch)
-            label = f"{schedule_key(variant.get('merge', {}))[1]}, batch {batch}"
+            at = f", {variant.get('precision', 'fp32')}" if precisions else ""
+            label = f"{schedule_key(variant.get('merge', {}))[1]}{at}, batch {batch}"
             with progress.step(f"measuring {label} on {device.name} ({warmup} warm-up + {runs} runs)"):
                 artifact = path if isinstance(path, bytes) else path / variant["artifact"]
                 measured = measure_onnx(artifact, feeds, providers, runs, warmup, progress)

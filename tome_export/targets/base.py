@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tome_export.devices import DeviceProfile
     from tome_export.exporter.load import LoadedModel
     from tome_export.exporter.onnx_export import OnnxExport
+    from tome_export.precision import PrecisionPlan
     from tome_export.progress import Progress
 
 
@@ -39,6 +40,7 @@ class ExportContext:
     progress: Progress
     bundle_dir: Path
     manifest: dict = field(default_factory=dict)
+    precision: PrecisionPlan | None = None  # None: fp32 at the default tolerance
 
     def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
         from tome_export.inputs import make_inputs

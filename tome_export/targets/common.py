@@ -37,8 +37,10 @@ def verify_against_eager(
     """Compare ``run`` with the eager model on the context's seeds; record it in the manifest.
 
     Raises VerificationError (nothing gets written) when the error exceeds the tolerance."""
+    from tome_export.precision import TOLERANCES
     from tome_export.verify import verify
 
+    tolerance = ctx.precision.tolerance if ctx.precision is not None else TOLERANCES["fp32"]
     with ctx.progress.step(f"verifying on {runtime} against eager PyTorch ({ctx.options.seeds} seeds)"):
         result = verify(
             ctx.model,
@@ -48,7 +50,9 @@ def verify_against_eager(
             decision_names,
             ctx.input_shapes,
             seeds=range(ctx.options.seeds),
-            atol=ctx.options.atol,
+            atol=tolerance.atol,
+            min_cosine=tolerance.min_cosine,
+            tie_tol=tolerance.tie_tol,
             on_seed=ctx.progress.tick,
             runtime=runtime,
             pin_decisions=ctx.options.pin_decisions,

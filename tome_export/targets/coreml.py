@@ -67,6 +67,7 @@ def build_mlpackages(ctx: ExportContext, exported: OnnxExport, onnx_name: str, r
     from tome_export.merging.dense import export_dense
 
     device = ctx.device
+    precision = ctx.precision.precision if ctx.precision is not None else device.precision
     inputs = ctx.example_inputs()
     with ctx.progress.step("torch.export with the merge lowered to dense ops (no scatter)"):
         program = refusing("torch.export with dense merges", export_dense, ctx.model, inputs)
@@ -77,7 +78,7 @@ def build_mlpackages(ctx: ExportContext, exported: OnnxExport, onnx_name: str, r
     if limit_mb and total > limit_mb * 2**20:
         with ctx.progress.step(f"splitting {total / 2**20:.1f} MB of weights into chunks of ≤ {limit_mb} MB"):
             chunks, chunk_check = split_into_chunks(program, inputs, int(limit_mb * 2**20), device.precision)
-            if chunk_check > ctx.options.atol:
+            if chunk_check > (1e-4 if ctx.options.atol is None else ctx.options.atol):
                 raise VerificationError(f"chained chunks differ from the whole model by {chunk_check:.3g}")
             for index, chunk in enumerate(chunks):
                 piece = torch.export.export(chunk.module, chunk.example_inputs).run_decompositions({})
@@ -87,7 +88,11 @@ def build_mlpackages(ctx: ExportContext, exported: OnnxExport, onnx_name: str, r
     converted = []
     for filename, piece, nbytes in pieces:
         with ctx.progress.step(f"converting to Core ML mlprogram ({filename})"):
-            mlmodel = refusing("coremltools conversion", convert_program, piece, device)
+            mlmodel = refusing("coremltools conversion", convert_program, piece, device, precision=precision)
+            if precision == "int8":
+                from tome_export.targets.coreml_precision import quantize_weights
+
+                mlmodel = quantize_weights(mlmodel)
         structure = program_structure(mlmodel)
         if structure["scatter_ops"]:
             raise VerificationError(f"{filename}: converted program still has scatter ops")
@@ -107,6 +112,11 @@ def build_mlpackages(ctx: ExportContext, exported: OnnxExport, onnx_name: str, r
             "artifact": converted[0]["file"] if len(converted) == 1 else [c["file"] for c in converted],
             "coreml": {
                 "compute_units": device.get("compute_units", "CPU_AND_NE"),
+                "precision": {
+                    "fp32": "float32 compute",
+                    "fp16": "float16 compute, merge metric ops float32",
+                    "int8": "int8 weights (linear symmetric, per channel), float16 compute, merge metric ops float32",
+                }[precision],
                 "minimum_deployment_target": device.get("minimum_deployment_target", "iOS17"),
                 "chunk_limit_mb": limit_mb,
                 "weights_mb": round(total / 2**20, 3),

@@ -121,10 +121,10 @@ def program_structure(mlmodel) -> dict:
     }
 
 
-def refusing(step: str, fn, *args):
-    """``fn(*args)``; a torch.export/coremltools failure becomes one line, not a traceback."""
+def refusing(step: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a torch.export/coremltools failure becomes one line, not a traceback."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except (UserError, BackendMissing):
         raise
     except Exception as exc:
@@ -134,13 +134,23 @@ def refusing(step: str, fn, *args):
         ) from None
 
 
-def convert_program(program: torch.export.ExportedProgram, device, input_names: list[str] | None = None):
-    """coremltools conversion of a dense-lowered ExportedProgram with the profile's settings."""
+def convert_program(
+    program: torch.export.ExportedProgram, device, input_names: list[str] | None = None, precision: str | None = None
+):
+    """coremltools conversion of a dense-lowered ExportedProgram with the profile's settings.
+
+    ``precision`` (default: the profile's): ``fp32`` computes in float32; ``fp16``/``int8``
+    in float16 with the merge metric's ops kept float32 (``coreml_precision.py``)."""
     ct = require_coremltools()
     target_name = str(device.get("minimum_deployment_target", "iOS17"))
     if not hasattr(ct.target, target_name):
         raise UserError(f"device {device.name}: coremltools has no deployment target {target_name!r}")
-    precision = ct.precision.FLOAT16 if device.precision == "fp16" else ct.precision.FLOAT32
+    if (precision or device.precision) == "fp32":
+        precision = ct.precision.FLOAT32
+    else:
+        from tome_export.targets.coreml_precision import fp16_keeping_metric
+
+        precision = fp16_keeping_metric(ct)
     try:
         return _convert(ct, program, device, precision, target_name)
     except (UserError, BackendMissing):

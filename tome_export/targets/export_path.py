@@ -1,9 +1,10 @@
 """The one export-and-verify path every target goes through.
 
 :func:`export_and_verify` is the sequence — export (with the target's lowering) → the
-target's graph passes → save the shipped graph → verify against eager PyTorch on the
-target's runtime → manifest entries (artifact, inputs, outputs, rewrites, the opset written,
-lowering notes, custom domains) — and :func:`build_single` adds the target's build step (engines, build
+precision pass (``precision_pass.py``: fp16 / int8, merge kept fp32) → the target's graph
+passes → save the shipped graph → verify against eager PyTorch on the target's runtime →
+manifest entries (artifact, inputs, outputs, rewrites, the opset written, lowering notes,
+custom domains) — and :func:`build_single` adds the target's build step (engines, build
 scripts, converted models) after it. TDTM's merged + full variants
 (``targets/video.py``) call the same function once per variant. A target changes the
 path only through the hooks of its :class:`~tome_export.targets.base.Target` record.
@@ -23,6 +24,7 @@ from typing import Any
 from tome_export.exporter.onnx_export import OnnxExport, export_onnx
 from tome_export.targets.base import ExportContext, Target
 from tome_export.targets.common import io_spec, save_onnx, verify_against_eager
+from tome_export.targets.precision_pass import apply_precision
 
 MAIN_ARTIFACT = "model.onnx"
 
@@ -86,6 +88,8 @@ def export_and_verify(
         ctx.progress.say(f"rewrote {rewrite.get('node', rewrite['op'])} ({rewrite['op']}) → {rewrite['became']}")
     for note in exported.lowering_notes:
         ctx.progress.say(note["message"])
+    if ctx.precision is not None:
+        apply_precision(ctx, exported, target.name)
     if target.graph_passes is not None:
         target.graph_passes(ctx, exported)
     if target.ships_onnx:
@@ -113,6 +117,11 @@ def export_and_verify(
     else:
         runner, runtime = (target.verifier or default_verifier)(ctx, exported)
     verify_against_eager(ctx, runner.run, exported.input_names, exported.output_names, exported.decision_names, runtime)
+    if ctx.precision is not None and ctx.precision.precision != "fp32" and exported.decision_names:
+        if ctx.options.unmerged_baseline:
+            from tome_export.targets.unmerged_baseline import verify_unmerged
+
+            verify_unmerged(ctx, target)
     return exported, runner
 
 

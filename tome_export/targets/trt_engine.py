@@ -22,6 +22,7 @@ def build_engine(
     timing_cache: str | None = None,
     dla_core: int | None = None,
     merge_plugin: bool = False,
+    int8: bool = False,
 ) -> Path:
     """Parse ``onnx_path``, build a serialized engine, write ``plan_path``; returns it."""
     import tensorrt as trt
@@ -44,6 +45,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if int8:  # a QDQ graph (--precision int8): the Q/DQ nodes carry the scales, no calibrator
+        config.set_flag(trt.BuilderFlag.INT8)
     if dla_core is not None:
         if builder.num_DLA_cores <= dla_core:
             raise RuntimeError(f"DLA core {dla_core} requested, this device has {builder.num_DLA_cores}")
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-cache", default="timing.cache")
     parser.add_argument("--dla-core", type=int, default=None)
     parser.add_argument("--merge-plugin", action="store_true", help="register tome_export::BipartiteMerge")
+    parser.add_argument("--int8", action="store_true", help="the graph is int8 QDQ (--precision int8)")
     args = parser.parse_args(argv)
     try:
         import tensorrt  # noqa: F401
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: TensorRT's Python package is not installed (on Jetson it comes with JetPack)", file=sys.stderr)
         return 3
     path = build_engine(
-        args.onnx, args.plan, args.fp16, args.workspace_mb, args.timing_cache, args.dla_core, args.merge_plugin
+        args.onnx, args.plan, args.fp16, args.workspace_mb, args.timing_cache, args.dla_core, args.merge_plugin, args.int8
     )
     print(f"wrote {path}")
     return 0

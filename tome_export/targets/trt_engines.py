@@ -24,7 +24,7 @@ from tome_export.errors import BackendMissing, UserError
 from tome_export.targets import trt_rtx
 from tome_export.targets.base import ExportContext
 from tome_export.targets.common import save_onnx
-from tome_export.targets.trt_scripts import tensorrt_available, write_build_scripts
+from tome_export.targets.trt_scripts import export_precision, tensorrt_available, write_build_scripts
 
 FIX_MERGE = "export with --lowering dense (plain TensorRT layers)"
 HAND_CHECK = "hand-written readiness rules (graph_passes/trt_readiness.py)"
@@ -127,7 +127,7 @@ def finish_trt_bundle(ctx: ExportContext) -> None:
         info.update({"engine": None, "engine_blocked": why})
         ctx.progress.say(f"note: no engine for the plugin lowering: {why}; --lowering dense builds one (exit status 0)")
         return
-    precision = ctx.manifest.get("precision", "fp32")
+    precision = export_precision(ctx)
     capabilities = list(ctx.device.get("compute_capabilities") or trt_rtx.DEFAULT_CAPABILITIES)
     for key in ("trtexec", "tensorrt_version_expected"):  # standard TensorRT's; this engine is built already
         info.pop(key, None)
@@ -158,7 +158,10 @@ def _build_one(ctx, artifact: str, entry: dict, precision: str, capabilities, re
     stem = artifact[: -len(".onnx")] if artifact.endswith(".onnx") else artifact
     source = artifact
     record: dict = {"onnx": artifact}
-    if precision == "fp16":
+    if precision == "fp16" and _has_fp16(bundle / artifact):  # the precision pass converted (and verified) it
+        kept = ctx.manifest.get("precision_detail", {}).get("fp32_nodes", [])
+        record["fp16"] = {"converted_by": "precision pass (precision_detail)", "kept_fp32_nodes": len(kept)}
+    elif precision == "fp16":
         source, record["fp16"] = _write_fp16(ctx, artifact, stem, entry is ctx.manifest)
     engine_name = f"{stem}.engine"
     with ctx.progress.step(f"building {engine_name} with {trt_rtx.FLAVOUR} ({precision}, no GPU needed)"):
@@ -189,6 +192,14 @@ def _build_one(ctx, artifact: str, entry: dict, precision: str, capabilities, re
     )
     entry["engine"] = engine_name
     return record
+
+
+def _has_fp16(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in n.attribute)
+        for n in model.graph.node
+    )
 
 
 def _write_fp16(ctx, artifact: str, stem: str, compare: bool) -> tuple[str, dict]:
@@ -269,7 +280,8 @@ def _standard_engine(ctx, info: dict, plugin_nodes: int) -> None:
             build(
                 str(ctx.bundle_dir / ctx.manifest["artifact"]),
                 str(ctx.bundle_dir / "model.plan"),
-                fp16=ctx.device.precision == "fp16",
+                fp16=export_precision(ctx) == "fp16",
+                int8=export_precision(ctx) == "int8",
                 workspace_mb=int(ctx.device.get("workspace_mb", 2048)),
                 timing_cache=str(ctx.bundle_dir / "timing.cache"),
                 merge_plugin=bool(plugin_nodes),

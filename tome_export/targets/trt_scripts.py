@@ -45,12 +45,22 @@ def mark_plugin_nodes(model: onnx.ModelProto) -> int:
     return count
 
 
+def export_precision(ctx: ExportContext) -> str:
+    """The export's resolved precision (``--precision`` or the device's default), not the profile's."""
+    if ctx.manifest.get("precision"):
+        return ctx.manifest["precision"]
+    return ctx.precision.precision if ctx.precision is not None else ctx.device.precision
+
+
+# Builder flags per precision: an int8 graph is QDQ (scales in the graph); its fp32 nodes stay fp32.
+PRECISION_FLAGS = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"]}
+
+
 def trtexec_command(ctx: ExportContext, onnx_name: str, plan_name: str) -> list[str]:
-    """The exact trtexec invocation for a plugin-free graph on this device profile."""
+    """The exact trtexec invocation for a plugin-free graph at the export's precision on this device."""
     device = ctx.device
     command = ["trtexec", f"--onnx={onnx_name}", f"--saveEngine={plan_name}"]
-    if device.precision == "fp16":
-        command.append("--fp16")
+    command += PRECISION_FLAGS.get(export_precision(ctx), [])
     command += ["--timingCacheFile=timing.cache", f"--memPoolSize=workspace:{device.get('workspace_mb', 2048)}M"]
     if device.get("dla_cores", 0):
         command += ["--useDLACore=0", "--allowGPUFallback"]
@@ -64,8 +74,7 @@ def write_build_scripts(ctx: ExportContext, onnx_name: str, plugin_nodes: int) -
     written = ["build_engine.py"]
     shutil.copyfile(HERE / "trt_engine.py", bundle / "build_engine.py")
     py_args = [onnx_name, "model.plan", "--workspace-mb", str(device.get("workspace_mb", 2048))]
-    if device.precision == "fp16":
-        py_args.append("--fp16")
+    py_args += PRECISION_FLAGS.get(export_precision(ctx), [])
     if device.get("dla_cores", 0):
         py_args += ["--dla-core", "0"]
     if plugin_nodes:
@@ -92,4 +101,8 @@ def write_build_scripts(ctx: ExportContext, onnx_name: str, plugin_nodes: int) -
     return written
 
 
-__all__ = ["DEFAULT_TRT_VERSION", "mark_plugin_nodes", "tensorrt_available", "trtexec_command", "write_build_scripts"]
+__all__ = [
+    "DEFAULT_TRT_VERSION",
+    "PRECISION_FLAGS",
+    "export_precision",
+    "mark_plugin_nodes", "tensorrt_available", "trtexec_command", "write_build_scripts"]

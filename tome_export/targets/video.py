@@ -132,7 +132,9 @@ def add_dynamic_loading(ctx: ExportContext, budget_bytes: int) -> None:
                 runner = DynamicRunner.from_manifest(bundle, {"dynamic_loading": section})
                 section["verification"] = _compare_with_unsplit(ctx, bundle / artifact, runner)
                 runner.close()
-            if not section["verification"]["identical"] and section["verification"]["max_abs_err"] > ctx.options.atol:
+            if not section["verification"]["identical"] and section["verification"]["max_abs_err"] > (
+                1e-4 if ctx.options.atol is None else ctx.options.atol
+            ):
                 raise VerificationError(
                     f"block-by-block run differs from {MAIN_ARTIFACT} by {section['verification']['max_abs_err']:.3g}"
                 )
