@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -29,8 +28,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_lowerings import interleaved_medians  # noqa: E402
 from bench.flops import vit_flops  # noqa: E402
+from bench.harness import emit, interleaved, medians  # noqa: E402
 from tome_export.exporter.insert import insert_merges  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.merging import apply, merge_state  # noqa: E402
@@ -119,7 +118,7 @@ def bench_model(name: str, r: int, runs: int) -> dict:
     variants[f"r={r}"] = (OnnxRuntimeRunner(exported_merged.model, spinning=False), None)
     feeds = {n: t.numpy() for n, t in zip(exported.input_names, inputs)}
     variants = {k: (runner, feeds) for k, (runner, _) in variants.items()}
-    medians = interleaved_medians(variants, runs=runs)
+    medians = _medians(variants, runs=runs)
     per_layer, r_per_layer = tokens[r]
     unmerged = vit_flops(per_layer[:1] * len(per_layer), [0] * len(per_layer), channels)
     flop_ratio = unmerged / vit_flops(per_layer, r_per_layer, channels)
@@ -137,6 +136,12 @@ def bench_model(name: str, r: int, runs: int) -> dict:
     }
 
 
+def _medians(variants: dict, runs: int) -> dict[str, float]:
+    """Median ms per (runner, feeds) variant, interleaved by the harness (3 warm-up rounds)."""
+    calls = {name: (lambda r=runner, f=feeds: r.run(f)) for name, (runner, feeds) in variants.items()}
+    return medians(interleaved(calls, runs, warmup=3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -150,17 +155,15 @@ def main() -> None:
         except Exception as exc:  # one model failing (missing extra) must not lose the others
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         print(name, results.get(name, errors.get(name)), file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "bench": "models",
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
-                "torch": torch.__version__,
-                "runs": args.runs,
-                "results": results,
-                "errors": errors,
-            }
-        )
+    emit(
+        {
+            "bench": "models",
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
+            "torch": torch.__version__,
+            "runs": args.runs,
+            "results": results,
+            "errors": errors,
+        }
     )
 
 

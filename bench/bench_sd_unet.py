@@ -36,6 +36,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.harness import emit, interleaved, log, ort_profiling_session, ort_runner  # noqa: E402
 from samples import tiny_unet  # noqa: E402
 
 CONFIGS = {"sd15": tiny_unet.SD15_CONFIG, "sd21": tiny_unet.SD21_CONFIG, "sdxl": tiny_unet.SDXL_CONFIG}
@@ -151,38 +152,40 @@ def _feeds(bundle: Path, seed: int) -> dict:
     return feeds
 
 
-def _session(bundle: Path, threads: int, profile: str | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    return ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
-
-
 def time_interleaved(bundles: dict[str, Path], runs: int, threads: int, warmup: bool) -> dict[str, list[float]]:
+    """Rounds of every variant through the harness; one session alive at a time (the UNets are
+    GBs), so each variant times only its own run (session creation and the warm-up run excluded)."""
     import gc
 
-    times = defaultdict(list)
-    for round_index in range(runs):
-        for name, bundle in bundles.items():
-            session, feeds = _session(bundle, threads), _feeds(bundle, round_index)
+    rounds = defaultdict(int)
+
+    def variant(name: str, bundle: Path):
+        def run() -> float:
+            runner, feeds = ort_runner(str(bundle / "model.onnx"), threads), _feeds(bundle, rounds[name])
+            rounds[name] += 1
             if warmup:
-                session.run(None, feeds)  # first-run allocations
+                runner.run(feeds)  # first-run allocations
             start = time.perf_counter()
-            session.run(None, feeds)
-            times[name].append(time.perf_counter() - start)
-            print(f"  round {round_index} {name}: {times[name][-1] * 1000:.0f} ms", file=sys.stderr, flush=True)
-            del session
+            runner.run(feeds)
+            elapsed = time.perf_counter() - start
+            log(f"  {name}: {elapsed * 1000:.0f} ms")
+            del runner
             gc.collect()
-    return times
+            return elapsed
+
+        return run
+
+    timings = interleaved(
+        {name: variant(name, bundle) for name, bundle in bundles.items()},
+        runs,
+        warmup=0,
+        elapsed_s=lambda name, returned: returned,
+    )
+    return {name: [ms / 1000 for ms in timing.samples_ms] for name, timing in timings.items()}
 
 
 def top_ops(bundle: Path, threads: int, workdir: Path, count: int = 10) -> list[dict]:
-    session = _session(bundle, threads, profile=str(workdir / f"profile_{bundle.name}"))
+    session = ort_profiling_session(bundle / "model.onnx", threads, str(workdir / f"profile_{bundle.name}"))
     feeds = _feeds(bundle, 0)
     session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
@@ -256,7 +259,7 @@ def main() -> None:
         }
     print("profiling …", file=sys.stderr, flush=True)
     result["top_ops"] = {name: top_ops(bundle, args.threads, workdir) for name, bundle in bundles.items()}
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

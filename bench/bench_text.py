@@ -20,7 +20,6 @@ Usage: python bench/bench_text.py [--r 0,8,12,16,20] [--runs 20] [--quick] [--se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -31,8 +30,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_lowerings import interleaved_medians  # noqa: E402
 from bench.flops import vit_flops  # noqa: E402
+from bench.harness import emit, interleaved, medians  # noqa: E402
 from tome_export.exporter.insert import insert_merges  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
@@ -147,6 +146,12 @@ def nearest(emb: torch.Tensor) -> torch.Tensor:
     return sims.argmax(1)
 
 
+def _medians(variants: dict, runs: int) -> dict[str, float]:
+    """Median ms per (runner, feeds) variant, interleaved by the harness (3 warm-up rounds)."""
+    calls = {name: (lambda r=runner, f=feeds: r.run(f)) for name, (runner, feeds) in variants.items()}
+    return medians(interleaved(calls, runs, warmup=3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--r", default="0,8,12,16,20")
@@ -189,7 +194,7 @@ def main() -> None:
         variants[f"r={r}"] = (runner, {n: t.numpy() for n, t in zip(exported.input_names, inputs)})
         state = merged._tome_state  # attention at the block's input count, MLP after the merge
         flops[f"r={r}"] = vit_flops(state.tokens_per_layer, state.r_per_layer, 384, mlp_ratio=4.0)
-    medians = interleaved_medians(variants, runs=5 if args.quick else args.runs)
+    medians = _medians(variants, runs=5 if args.quick else args.runs)
     base = f"r={r_values[0]}"
     speed = {
         name: {
@@ -209,7 +214,7 @@ def main() -> None:
         "ort_cpu_batch1": speed,
         "quick": args.quick,
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

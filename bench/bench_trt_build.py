@@ -11,7 +11,6 @@ run. Prints one JSON object last. Usage: python bench/bench_trt_build.py [--repe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tome_export  # noqa: E402
+from bench.harness import emit  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.graph_passes.fp16 import to_fp16  # noqa: E402
 from tome_export.graph_passes.int8_qdq import quantize_qdq  # noqa: E402
@@ -88,9 +88,8 @@ def main() -> None:
                         "network_nodes": len(onnx.load(str(path), load_external_data=False).graph.node),
                     }
                 )
-                print(json.dumps(rows[-1]), file=sys.stderr)
-    print(
-        json.dumps(
+                print(rows[-1], file=sys.stderr)
+    emit(
             {
                 "benchmark": "tensorrt_for_rtx_engine_build",
                 "tensorrt": f"{trt_rtx.FLAVOUR} {trt_rtx.version()}",
@@ -101,7 +100,6 @@ def main() -> None:
                 "repeats": args.repeats,
                 "rows": rows,
             }
-        )
     )
 
 

@@ -111,6 +111,20 @@ def ort_runner(model, threads: int | None = None, providers: tuple[str, ...] = (
     return runner
 
 
+def ort_profiling_session(path, threads: int | None, prefix: str):
+    """An ONNX Runtime CPU session with its profiler on and spinning off (per-op breakdowns)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    for key, value in SPIN_OFF.items():
+        options.add_session_config_entry(key, value)
+    options.enable_profiling = True
+    options.profile_file_prefix = prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def session_config(session) -> dict[str, str | None]:
     """The spinning entries an InferenceSession was built with (None: not set, ORT's default: spin)."""
     options = session.get_session_options()

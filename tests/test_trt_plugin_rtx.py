@@ -46,7 +46,7 @@ def test_plugin_build_time_methods_and_registration():
 @pytest.mark.skipif(trt_rtx_plugin.blocked_reason() is None, reason="this TensorRT for RTX is not known to be blocked")
 def test_parser_with_the_python_plugin_still_aborts(cli, tmp_path):
     out = tmp_path / "p"
-    done = cli(*ARGS, "--target", "onnx", "--lowering", "plugin", "-o", str(out))
+    done = cli(*ARGS, "--target", "onnx", "--lowering", "plugin", "--split", "prefix", "-o", str(out))
     assert done.returncode == 0, done.stderr[-1500:]
     code = textwrap.dedent(
         f"""
