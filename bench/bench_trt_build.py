@@ -30,7 +30,7 @@ from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.graph_passes.fp16 import to_fp16  # noqa: E402
 from tome_export.graph_passes.int8_qdq import quantize_qdq  # noqa: E402
 from tome_export.targets import trt_rtx  # noqa: E402
-from tome_export.targets.onnx import save_onnx  # noqa: E402
+from tome_export.targets.common import save_onnx  # noqa: E402
 
 
 def vit_s16():
