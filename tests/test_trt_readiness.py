@@ -164,7 +164,7 @@ def test_merge_plugin_node_is_ready_with_plugin_and_runs_on_ort_reference():
     ],
 )
 def test_trtexec_command_follows_profile(device, expected, absent):
-    ctx = types.SimpleNamespace(device=get_device(device))
+    ctx = types.SimpleNamespace(device=get_device(device), manifest={}, precision=None)
     command = trtexec_command(ctx, "model.onnx", "model.plan")
     assert command[:3] == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan"]
     assert all(flag in command for flag in expected) and not any(flag in command for flag in absent)
@@ -172,7 +172,7 @@ def test_trtexec_command_follows_profile(device, expected, absent):
 
 @pytest.mark.parametrize("plugin_nodes", [0, 2])
 def test_build_scripts_written(tmp_path, plugin_nodes):
-    ctx = types.SimpleNamespace(device=get_device("jetson-orin-nx"), bundle_dir=tmp_path, manifest={})
+    ctx = types.SimpleNamespace(device=get_device("jetson-orin-nx"), bundle_dir=tmp_path, manifest={}, precision=None)
     written = write_build_scripts(ctx, "model.onnx", plugin_nodes)
     script = (tmp_path / "build_engine.sh").read_text()
     assert (tmp_path / "build_engine.py").is_file()
