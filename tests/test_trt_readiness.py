@@ -51,19 +51,22 @@ def _findings(report, severity):
     return [f for f in report.findings if f.severity == severity]
 
 
-def test_scatter_lowering_is_not_ready_and_names_the_node():
+def test_scatter_lowering_is_not_ready_and_names_the_node(monkeypatch):
     from samples.reference_vit import vit_tiny_test
+    from tome_export.exporter import scatter_lowering
     from tome_export.exporter.onnx_export import export_onnx
     from tome_export.merging import apply
 
+    # Large merges (past ONE_HOT_MAX_ROWS) sum merged rows with ScatterElements(add).
+    monkeypatch.setattr(scatter_lowering, "ONE_HOT_MAX_ROWS", -1)
     model = apply(vit_tiny_test(depth=2), "tome", r=6)
     exported = export_onnx(model, (torch.randn(1, 3, 64, 64),), "scatter")
     report = check_trt_readiness(exported.model)
     assert not report.ready
     errors = report.errors
-    # The scatter lowering adds rows with ScatterND(reduction="add").
+    # The scatter lowering adds rows with ScatterElements(reduction="add") there.
     assert errors and all(f.op_type in ("ScatterElements", "ScatterND") for f in errors)
-    assert len(errors) == 2  # one per merging block
+    assert len(errors) == 4  # two per merging block (weighted values, sizes)
     scatter_names = {n.name for n in exported.model.graph.node if n.op_type in ("ScatterElements", "ScatterND")}
     assert {f.node for f in errors} <= scatter_names
     assert "--lowering dense" in errors[0].fix and "reduction" in errors[0].reason
