@@ -1,16 +1,24 @@
 """ONNX Runtime CPU latency of ToMe ViT-S/16 exports at several r, next to eager and FLOPs.
 
-Exports the reference ViT-S/16 (samples/) and timm's vit_small_patch16_224 (random
-weights; skipped without timm) at r in {0, 8, 13, 16}, then times every variant
-interleaved in one process with ``bench/harness.py`` (warm-up, then the median of --runs
-runs; ORT sessions without thread spinning). Prints one JSON
-object last. Usage: python bench/bench_vit_onnx.py [--runs 30] [--models reference,timm]
+Exports the reference ViT-S/16 (samples/), timm's vit_small_patch16_224 (random
+weights; skipped without timm) and the reference ViT-B/16 (``reference_b``) at r in
+{0, 8, 13, 16}, then times every variant interleaved in one process with
+``bench/harness.py`` (warm-up, then the median of --runs runs; ORT sessions without thread
+spinning). ``--batch 8`` times batch 8. ``--profile`` adds, per model, ONNX Runtime's
+profiler time per op type at r=0 and the largest r: where the speed-up falls short of the
+FLOP ratio (the Gemms of the last layers run on few tokens, the merge op's nodes).
+Prints one JSON object last.
+
+    python bench/bench_vit_onnx.py [--runs 30] [--models reference,timm,reference_b] [--batch 1] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
+import tempfile
 import platform
 import sys
 from pathlib import Path
@@ -22,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tome_export  # noqa: E402
 from bench.flops import vit_flops  # noqa: E402
-from bench.harness import emit, interleaved, log, ort_runner  # noqa: E402
-from samples.reference_vit import vit_small_patch16_224  # noqa: E402
+from bench.harness import emit, interleaved, log, ort_profiling_session, ort_runner  # noqa: E402
+from samples.reference_vit import vit_base_patch16_224, vit_small_patch16_224  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 
 R_VALUES = (0, 8, 13, 16)
@@ -32,10 +40,28 @@ R_VALUES = (0, 8, 13, 16)
 def build(name: str):
     if name == "reference":
         return vit_small_patch16_224()
+    if name == "reference_b":
+        return vit_base_patch16_224()
     import timm
 
     torch.manual_seed(0)
     return timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+
+
+def op_type_ms(model, feeds: dict, runs: int) -> dict[str, float]:
+    """Median-run ONNX Runtime profiler time per op type (ms per inference, sorted)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        session = ort_profiling_session(path, None, str(Path(folder) / "profile"))
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    totals: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    return {op: round(ms, 3) for op, ms in totals.most_common()}
 
 
 def main() -> None:
@@ -43,8 +69,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--models", default="reference,timm")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="per-op-type times at r=0 and the largest r")
     args = parser.parse_args()
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(args.batch, 3, 224, 224)
     variants = []
     for model_name in args.models.split(","):
         if model_name == "timm":
@@ -70,6 +98,7 @@ def main() -> None:
                     "r": r,
                     "session": session,
                     "feeds": feeds,
+                    "onnx": exported.model,
                     "eager": model,
                     "flops": vit_flops(state.tokens_per_layer, state.r_per_layer, dim),
                     "max_abs_err": err,
@@ -109,6 +138,10 @@ def main() -> None:
                 "max_abs_err_vs_eager": v["max_abs_err"],
             }
         results[model_name] = per_r
+        if args.profile:
+            results[model_name]["per_op_ms"] = {
+                f"r{v['r']}": op_type_ms(v["onnx"], v["feeds"], args.runs) for v in (base, rows[-1])
+            }
     emit(
         {
             "bench": "vit_onnx_cpu",
@@ -116,6 +149,7 @@ def main() -> None:
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,
             "runs": args.runs,
+            "batch": args.batch,
             "results": results,
         }
     )
