@@ -154,3 +154,41 @@ def test_several_inputs_integer_and_0dim_timestep():
     with torch.no_grad():
         assert model(sample, timestep, text).shape == (2, 4, 16, 16)
     assert [s.shape for s in merge_state(model).slots] == [(2, 256)] * 3
+
+
+class _TimestepTable(torch.nn.Module):
+    """Declares no input specs; looks its 0-dim timestep up in an embedding table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(1000, 8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, timestep):
+        return self.proj(x + self.table(timestep))
+
+
+def test_undeclared_scalar_input_is_an_integer_timestep(tmp_path, monkeypatch):
+    """``scalar`` on the command line works for a model that declares nothing: the 0-dim
+    input is an int64 timestep in [0, 1000), so an embedding lookup exports and verifies."""
+    import sys
+    import types
+
+    from click.testing import CliRunner
+
+    from tome_export.cli import main
+    from tome_export.inputs import make_inputs
+
+    inputs = make_inputs(_TimestepTable(), [(1, 4, 8), ()], seed=0)
+    assert inputs[1].dtype == torch.int64 and inputs[1].shape == () and 0 <= int(inputs[1]) < 1000
+    module = types.ModuleType("undeclared_scalar_model")
+    module.build = lambda: _TimestepTable().eval()
+    monkeypatch.setitem(sys.modules, "undeclared_scalar_model", module)
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(
+        main, ["undeclared_scalar_model:build", "--r", "0", "--input-shape", "1,4,8;scalar", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["dtype"] for i in manifest["inputs"]] == ["float32", "int64"]
+    assert manifest["verification"]["passed"]

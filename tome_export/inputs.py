@@ -13,6 +13,10 @@ builds it) declares such inputs with two optional attributes:
   ``{"dtype": "int64", "padding": true}`` (an attention mask (B, N): 1 for the first
   ``length`` tokens of each row, 0 after; row 0 full, the others of random length —
   so verification covers padded batches).
+
+An undeclared 0-dim input (``scalar``) is a diffusion timestep: an int64 in [0, 1000),
+which models indexing an embedding with it need and float-timestep models accept. Declare
+``{"dtype": "float32"}`` for a 0-dim input that must be a float.
 """
 
 from __future__ import annotations
@@ -51,7 +55,12 @@ def padding_mask(shape: Sequence[int], generator: torch.Generator, dtype: torch.
     return (torch.arange(tokens)[None, :] < lengths[:, None]).to(dtype)
 
 
+SCALAR_TIMESTEP = {"dtype": "int64", "low": 0, "high": 1000}
+
+
 def make_input(shape: Sequence[int], spec: dict | None, generator: torch.Generator) -> torch.Tensor:
+    if not spec and tuple(shape) == ():
+        spec = SCALAR_TIMESTEP
     if not spec:
         return torch.randn(tuple(shape), generator=generator)  # a tuple: () is a 0-dim input
     dtype = _dtype(spec.get("dtype", "float32"))
