@@ -138,7 +138,8 @@ def attention_with_metric(attn: nn.Module, x: torch.Tensor, size: torch.Tensor |
     logits = (q * scale) @ k.transpose(-2, -1)
     if prop_attn and size is not None:
         # Proportional attention: a token standing for s patches gets log(s) more logit.
-        logits = logits + size.log()[:, None, None, :, 0]
+        # (B, N, 1) → (B, 1, 1, N) as one Reshape: the exported graph's cost is per node.
+        logits = logits + size.log().reshape(batch, 1, 1, num_tokens)
     weights = attn.attn_drop(logits.softmax(dim=-1))
     # Written out rather than F.scaled_dot_product_attention: the exporter's SDPA
     # decomposition changes strides under the following reshape.
