@@ -69,3 +69,56 @@ def test_unet_bundle_with_external_weights_end_to_end(tmp_path):
     names = [spec["name"] for spec in manifest["inputs"]]
     got = runtime.load(out).run({n: t.numpy() for n, t in zip(names, inputs)})["output"]
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_fp16_of_a_model_with_external_weights(tmp_path):
+    """fp16 (the RTX devices' default precision) of a graph past protobuf's limit: the weights
+    are read from the external file, converted, and written back to it — half the bytes, no
+    stray files — and the bundle verifies and runs (SD-1.5 on --target trt takes this path)."""
+    out = tmp_path / "unet"
+    _, manifest = export(
+        ExportOptions(
+            model="samples.tiny_unet:tiny_unet",
+            method="tomesd",
+            ratio=0.5,
+            out=str(out),
+            external_data_threshold=0,
+            precision="fp16",
+        )
+    )
+    assert manifest["external_data"] == "model.onnx.data"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert external_files(graph) == ["model.onnx.data"]
+    halves = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves and any(t.data_location == onnx.TensorProto.EXTERNAL for t in halves)
+    inline = sum(len(t.raw_data) for t in graph.graph.initializer)  # only tensors under 1 KB stay inline
+    assert inline < 0.1 * (out / "model.onnx.data").stat().st_size
+    assert manifest["verification"]["passed"]
+    fp32 = tmp_path / "fp32"
+    export(
+        ExportOptions(
+            model="samples.tiny_unet:tiny_unet", method="tomesd", ratio=0.5, out=str(fp32), external_data_threshold=0
+        )
+    )
+    assert (out / "model.onnx.data").stat().st_size < 0.6 * (fp32 / "model.onnx.data").stat().st_size
+    from samples.tiny_unet import tiny_unet
+
+    model = tiny_unet()
+    inputs = make_inputs(model, model.default_input_shapes, 3)
+    names = [spec["name"] for spec in manifest["inputs"]]
+    got = runtime.load(out).run({n: t.numpy() for n, t in zip(names, inputs)})["output"]
+    assert np.isfinite(got).all()
+
+
+def test_int8_of_a_model_with_external_weights_is_refused(tmp_path):
+    from tome_export.errors import UserError
+
+    out = tmp_path / "unet"
+    options = ExportOptions(
+        model="samples.tiny_unet:tiny_unet", method="tomesd", ratio=0.5, out=str(out), external_data_threshold=0,
+        precision="int8",
+    )
+    with pytest.raises(UserError, match="use --precision fp16"):
+        export(options)
+    assert not out.exists() and not list(tmp_path.iterdir())

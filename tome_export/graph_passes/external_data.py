@@ -6,6 +6,9 @@
   that remains is small and references the file (``location`` relative to the graph).
   Used when a model's initializers exceed ``EXTERNAL_DATA_THRESHOLD`` bytes (a parameter:
   tests force the same path with a small threshold).
+- :func:`restream`: a graph whose weights are partly inline, partly in an old weights file
+  (a precision pass converted some) written again with all of them in a new file, tensor by
+  tensor; :func:`relocate` renames the file a graph references.
 - :class:`SharedWeightsFile`: several graphs (TDTM's merged and full variants, or the same block of both) point into one
 weights file: a tensor whose bytes are already in the file is referenced at its offset
 instead of written again, so identical weights are stored once on disk and graphs stay
@@ -56,6 +59,48 @@ def externalize(model, weights_path: Path, min_tensor_bytes: int = MIN_EXTERNAL_
         alignment=ALIGN,
         align_threshold=0,
     )
+
+
+def restream(
+    model: onnx.ModelProto, base_dir: Path, weights_path: Path, min_tensor_bytes: int = MIN_EXTERNAL_BYTES
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of at least ``min_tensor_bytes`` — inline, or in
+    external files under ``base_dir`` — are all in the new file ``weights_path`` (written
+    here, page-aligned; one tensor in memory at a time besides the inline ones)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(weights_path, "wb") as out:
+        for tensor in copy.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in tensor.external_data}
+                with open(Path(base_dir) / info["location"], "rb") as source:
+                    source.seek(int(info.get("offset", 0)))
+                    data = source.read(int(info["length"])) if "length" in info else source.read()
+            else:
+                data = tensor_bytes(tensor)
+                if len(data) < min_tensor_bytes:
+                    continue
+            offset = -(-out.tell() // ALIGN) * ALIGN
+            out.seek(offset)
+            out.write(data)
+            for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                tensor.ClearField(name)
+            del tensor.external_data[:]
+            tensor.raw_data = data  # set_external_data expects raw_data, then we drop it
+            set_external_data(tensor, location=weights_path.name, offset=offset, length=len(data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del data
+    return copy
+
+
+def relocate(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point ``model``'s external tensors stored in file ``old`` at file ``new`` (in place)."""
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

@@ -87,10 +87,14 @@ def runtime_fp32_nodes(model: onnx.ModelProto, op_types: tuple[str, ...] = ORT_C
     }
 
 
-def to_fp16(model: onnx.ModelProto, keep: set[int] | None = None) -> tuple[onnx.ModelProto, dict]:
+def to_fp16(
+    model: onnx.ModelProto, keep: set[int] | None = None, base_dir: str | None = None
+) -> tuple[onnx.ModelProto, dict]:
     """(fp16 copy of ``model``, summary: nodes kept fp32 and their names, casts inserted).
 
-    ``keep``: indices of the nodes left in fp32 (default :func:`metric_nodes`)."""
+    ``keep``: indices of the nodes left in fp32 (default :func:`metric_nodes`).
+    ``base_dir``: the folder of the graph's external weights, if it has any; converted
+    tensors come back inline (see ``external_data.restream`` to move them out again)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     kept = metric_nodes(model) if keep is None else set(keep)
     kept_names = sorted(model.graph.node[i].name for i in kept)
@@ -110,10 +114,11 @@ def to_fp16(model: onnx.ModelProto, keep: set[int] | None = None) -> tuple[onnx.
         if t.data_type != FLOAT or t.name not in used_by_half:
             new_inits.append(t)
             continue
-        half = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
-        new_inits.append(half)
+        values = numpy_helper.to_array(t, base_dir or "")
+        new_inits.append(numpy_helper.from_array(values.astype(np.float16), t.name))
         if t.name in used_by_float:  # shared with the metric region: keep an fp32 copy there
-            new_inits.append(numpy_helper.from_array(numpy_helper.to_array(t), f"{t.name}__fp32"))
+            new_inits.append(numpy_helper.from_array(values, f"{t.name}__fp32"))
+        del values
     del graph.initializer[:]
     graph.initializer.extend(new_inits)
 
