@@ -122,3 +122,26 @@ def test_int8_of_a_model_with_external_weights_is_refused(tmp_path):
     with pytest.raises(UserError, match="use --precision fp16"):
         export(options)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_trt_engine_from_a_graph_with_external_weights(tmp_path):
+    """--target trt on a graph past protobuf's limit (SD-1.5's path): the parser check and the
+    engine build read the graph beside its fp16 weights; nothing hidden is left behind."""
+    pytest.importorskip("tensorrt_rtx")
+    out = tmp_path / "unet"
+    _, manifest = export(
+        ExportOptions(
+            model="samples.tiny_unet:tiny_unet",
+            method="tomesd",
+            ratio=0.5,
+            out=str(out),
+            external_data_threshold=0,
+            target="trt",
+            device="nvidia-rtx-ada-desktop",
+        )
+    )
+    trt = manifest["tensorrt"]
+    assert trt["readiness"]["checked_by"].startswith("TensorRT for RTX") and trt["precision"] == "fp16"
+    assert (out / "model.engine").stat().st_size == trt["engines"][0]["bytes"] > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert manifest["external_data"] == "model.onnx.data" and manifest["verification"]["passed"]

@@ -62,7 +62,8 @@ def graph_passes(ctx: ExportContext, exported: OnnxExport) -> None:
     trt_version = str(ctx.device.get("tensorrt", DEFAULT_TRT_VERSION))
     report = None
     if ctx.options.trt_check:  # TensorRT's own parser where installed (trt_engines.py)
-        report = check_graph(ctx, exported.model, plugin_nodes, trt_version)
+        weights_dir = exported.external_data.parent if exported.external_data is not None else None
+    report = check_graph(ctx, exported.model, plugin_nodes, trt_version, weights_dir)
     ctx.manifest.setdefault("tensorrt", {}).update(
         {
             "readiness": report or {"skipped": True},

@@ -63,19 +63,30 @@ def _plugin_blocked() -> str:
     return trt_rtx_plugin.blocked_reason() or "the merge plugin could not be registered"
 
 
-def check_graph(ctx: ExportContext, model: onnx.ModelProto, plugin_nodes: int, trt_version: str) -> dict:
+def check_graph(
+    ctx: ExportContext, model: onnx.ModelProto, plugin_nodes: int, trt_version: str, weights_dir: Path | None = None
+) -> dict:
     """The parser's verdict (or the hand-written one); UserError (exit 2) naming the node if it fails.
 
     Runs as a graph pass, before the graph is saved into the bundle: the parser reads a
-    temporary copy (outside the bundle, removed after)."""
+    temporary copy (outside the bundle, removed after) — or, for a graph whose weights are
+    in an external file (``weights_dir``), a hidden copy beside that file, removed after."""
     from tome_export.graph_passes.trt_readiness import check_trt_readiness
 
     registrar = _plugin_registrar(plugin_nodes) if trt_rtx.rtx_available() else False
     if trt_rtx.rtx_available() and registrar is not False:
         with ctx.progress.step(f"parsing with {trt_rtx.parser_name()}"):
-            with tempfile.TemporaryDirectory(prefix="tome_export_parse_") as tmp:
-                save_onnx(model, Path(tmp) / "model.onnx")
-                verdict = trt_rtx.parse_onnx(Path(tmp) / "model.onnx", registrar)
+            if weights_dir is not None:
+                path = weights_dir / ".trt-parse-check.onnx"
+                save_onnx(model, path)
+                try:
+                    verdict = trt_rtx.parse_onnx(path, registrar)
+                finally:
+                    path.unlink()
+            else:
+                with tempfile.TemporaryDirectory(prefix="tome_export_parse_") as tmp:
+                    save_onnx(model, Path(tmp) / "model.onnx")
+                    verdict = trt_rtx.parse_onnx(Path(tmp) / "model.onnx", registrar)
         if not verdict.ok:
             op = verdict.errors[0]["op"]
             fix = FIX_MERGE if op.startswith("Scatter") or op == BIPARTITE_OP_TYPE else "rewrite that part of the model"
