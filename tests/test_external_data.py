@@ -95,6 +95,7 @@ def test_fp16_of_a_model_with_external_weights(tmp_path):
     inline = sum(len(t.raw_data) for t in graph.graph.initializer)  # only tensors under 1 KB stay inline
     assert inline < 0.1 * (out / "model.onnx.data").stat().st_size
     assert manifest["verification"]["passed"]
+    assert "skipped" in manifest["verification"]["unmerged_same_precision"]  # no second full export
     fp32 = tmp_path / "fp32"
     export(
         ExportOptions(
