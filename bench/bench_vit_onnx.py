@@ -18,9 +18,9 @@ import argparse
 import collections
 import json
 import os
-import tempfile
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
