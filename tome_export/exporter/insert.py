@@ -222,10 +222,12 @@ def insert_merges(
             old_shapes[merged_x] = old_shapes[block.residual_add]
             slots.append(slot)
             tokens_now -= block_r
-            cursor = slot
+            cursor = route = slot
             if follower is not None:
                 cursor = follower.follow(slot, slot, tokens_now)
-            total_slot = slot if total_slot is None else _compose(graph, cursor, slot, total_slot)
+            if padding is not None:  # the merge ran on moved tokens (real first): slots of the old order
+                cursor = route = padding.route(cursor, slot)
+            total_slot = route if total_slot is None else _compose(graph, cursor, route, total_slot)
     for node in graph.nodes:  # the SDPA written out as math stands for the SDPA's old shape
         if "tome_replaces" in node.meta and node.meta["tome_replaces"] is not None:
             old_shapes[node] = tuple(node.meta["tome_replaces"].shape)
