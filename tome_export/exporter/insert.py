@@ -13,7 +13,8 @@ The semantics are those of ``tome_export.apply(model, method="tome")``:
 - protected prefix tokens: ``protected=`` or detected (see ``detect_protected_tokens``),
   with ToMe's official A/B split for a class (+ distillation) token, the prefix split
   for register tokens (``split=``);
-- attention masks follow the merge: a key-padding mask merges with its tokens;
+- attention masks follow the merge: a key-padding mask merges with its tokens, and a
+  padded sentence merges as it would alone, unpadded (``graph_masks.py``);
 - r per block from ``merging/schedule.py`` (capped by the token count).
 
 :func:`merge_for_export` is the pipeline's choice between the eager patcher (behind its
