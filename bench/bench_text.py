@@ -8,13 +8,21 @@ sentence-transformers' mean pooling over the attention mask, L2-normalized.
 
 Two text sets, both at 128 tokens (the length the ORT timing uses):
 - ``passages``: 128 real tokens each (sentences of one topic joined), no padding;
-- ``sentences``: 48 short sentences in 8 topics, padded to 128 tokens.
+- ``sentences``: 48 short sentences (9-16 tokens) in 8 topics, padded to 128 tokens; its r
+  values come from ``--sentence-r`` (a padded sentence merges as it would alone, so r
+  above 1 over six layers merges most of its tokens).
 
 Per r: mean / min cosine between merged and unmerged embeddings, and how often the
-nearest neighbour (cosine, among the set) stays the same. Speed: ORT CPU sessions (no
+nearest neighbour (cosine, among the set) stays the same. For a padded set also
+``padded_vs_alone``: the cosine between each sentence's merged embedding in the padded
+batch and the same sentence merged alone, unpadded, at its own length (one export per
+length), over all sentences and over those whose own length takes r merges in every
+layer (``uncapped``: there tome-export guarantees the same merges, see docs/models.md).
+Speed: ORT CPU sessions (no
 spinning) of the exported graphs, batch 1, variants interleaved, medians; FLOP ratio from
 the per-layer token counts (``bench/flops.py``: attention before the merge, MLP after). Prints one JSON object last.
-Usage: python bench/bench_text.py [--r 0,8,12,16,20] [--runs 20] [--quick] [--sets passages,sentences]
+Usage: python bench/bench_text.py [--r 0,8,12,16,20] [--sentence-r 0,1,2,3] [--runs 20] [--quick]
+[--sets passages,sentences]
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from bench.flops import vit_flops  # noqa: E402
 from bench.harness import emit, interleaved, medians  # noqa: E402
 from tome_export.exporter.insert import insert_merges  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
+from tome_export.merging import schedule  # noqa: E402
 from tome_export.runtimes.onnxruntime import OnnxRuntimeRunner  # noqa: E402
 
 TOKENS = 128
@@ -140,6 +149,31 @@ def embed(model, batch) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+def padded_vs_alone(encoder, tokenizer, texts: list[str], padded: torch.Tensor, r: int) -> dict:
+    """Cosine of each padded-batch embedding with the same sentence merged alone, unpadded.
+
+    Sentences of one token length share an export (no padding among them)."""
+    lengths: dict[int, list[int]] = {}
+    for index, text in enumerate(texts):
+        tokens = len(tokenizer(text, truncation=True, max_length=TOKENS)["input_ids"])
+        lengths.setdefault(tokens, []).append(index)
+    cosines, uncapped = torch.empty(len(texts)), torch.zeros(len(texts), dtype=torch.bool)
+    depth = encoder.model.config.num_hidden_layers
+    for tokens, rows in lengths.items():
+        batch = tokenizer([texts[i] for i in rows], truncation=True, max_length=TOKENS, return_tensors="pt")
+        alone = insert_merges(encoder, (batch["input_ids"], batch["attention_mask"]), r=r)
+        cosines[rows] = (embed(alone, batch) * padded[rows]).sum(-1)
+        uncapped[rows] = schedule.plan([r] * depth, tokens, alone._tome_state.protected)[0] == [r] * depth
+    result = {
+        "cosine_mean": round(float(cosines.mean()), 6),
+        "cosine_min": round(float(cosines.min()), 6),
+        "uncapped": int(uncapped.sum()),
+    }
+    if uncapped.any():
+        result["uncapped_cosine_min"] = round(float(cosines[uncapped].min()), 6)
+    return result
+
+
 def nearest(emb: torch.Tensor) -> torch.Tensor:
     sims = emb @ emb.T
     sims.fill_diagonal_(-2)
@@ -158,8 +192,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="passages only, fewer runs")
     parser.add_argument("--sets", default="passages,sentences", help="text sets for fidelity")
+    parser.add_argument(
+        "--sentence-r",
+        default="0,1,2,3",
+        help="r values for the padded sentences' fidelity (9-16 real tokens: r above 1 merges most of them)",
+    )
     args = parser.parse_args()
     r_values = [int(v) for v in args.r.split(",")]
+    sentence_r = [int(v) for v in args.sentence_r.split(",")]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer, hf_model = load_minilm()
     encoder = Encoder(hf_model).eval()
@@ -170,7 +210,7 @@ def main() -> None:
         batch = tokenizer(texts, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
         reference = embed(encoder, batch)
         fidelity[name] = {"texts": len(texts), "real_tokens_mean": float(batch["attention_mask"].sum(1).float().mean())}
-        for r in r_values:
+        for r in sentence_r if name == "sentences" else r_values:
             merged = insert_merges(encoder, (batch["input_ids"], batch["attention_mask"]), r=r)
             emb = embed(merged, batch)
             cos = (emb * reference).sum(-1)
@@ -180,6 +220,8 @@ def main() -> None:
                 "nn_agreement": round(float((nearest(emb) == nearest(reference)).float().mean()), 4),
                 "tokens_per_layer": merged._tome_state.tokens_per_layer,
             }
+            if not bool(batch["attention_mask"].all()):
+                fidelity[name][f"r={r}"]["padded_vs_alone"] = padded_vs_alone(encoder, tokenizer, texts, emb, r)
             print(name, r, fidelity[name][f"r={r}"], file=sys.stderr)
     # Speed: batch 1, one real 128-token passage.
     one = tokenizer(

@@ -33,19 +33,22 @@ def _merge_after(
 ):
     """Merge the residual stream right after the block's residual add; returns (x, size, slot).
 
-    ``masks``: a ``graph_masks.MaskFollower`` of a key-padding mask, whose real/padded
-    marks widen the metric so padded and real tokens never merge."""
-    x = block.residual_add
+    ``masks``: a ``graph_masks.MaskFollower`` of a key-padding mask: before the merge it
+    moves real tokens to the front and widens the metric so that real tokens merge as
+    they would unpadded (``MaskFollower.prepare``); its ``route`` maps the slots back."""
+    x = stream = block.residual_add
     cursor = metric = _insert(graph, x, aten.mean.dim, block.keys, [1])
     if block.keys_transposed:
         cursor = metric = _insert(graph, metric, aten.transpose.int, metric, -2, -1)
-    if masks is not None:
-        cursor, metric = masks.groups_metric(cursor, metric)
     if size is None:  # all ones: every token stands for one patch
         cursor = first = _insert(graph, cursor, aten.slice.Tensor, x, -1, 0, 1)
         cursor = size = _insert(graph, first, aten.ones_like.default, first)
+    if masks is not None:
+        key_shape = _shape(block.keys)
+        metric_dim = key_shape[-2] if block.keys_transposed else key_shape[-1]
+        cursor, metric, stream, size = masks.prepare(cursor, metric, metric_dim, x, size, protected, bool(b_first))
     merge_op = torch.ops.tome_export.bipartite_merge.default
-    merge = _insert(graph, cursor, merge_op, metric, x, size, r, protected, bool(b_first))
+    merge = _insert(graph, cursor, merge_op, metric, stream, size, r, protected, bool(b_first))
     merged_x = _insert(graph, merge, operator.getitem, merge, 0)
     merged_size = _insert(graph, merged_x, operator.getitem, merge, 1)
     slot = _insert(graph, merged_size, operator.getitem, merge, 2)

@@ -13,7 +13,8 @@ The semantics are those of ``tome_export.apply(model, method="tome")``:
 - protected prefix tokens: ``protected=`` or detected (see ``detect_protected_tokens``),
   with ToMe's official A/B split for a class (+ distillation) token, the prefix split
   for register tokens (``split=``);
-- attention masks follow the merge: a key-padding mask merges with its tokens;
+- attention masks follow the merge: a key-padding mask merges with its tokens, and a
+  padded sentence merges as it would alone, unpadded (``graph_masks.py``);
 - r per block from ``merging/schedule.py`` (capped by the token count).
 
 :func:`merge_for_export` is the pipeline's choice between the eager patcher (behind its
@@ -222,10 +223,12 @@ def insert_merges(
             old_shapes[merged_x] = old_shapes[block.residual_add]
             slots.append(slot)
             tokens_now -= block_r
-            cursor = slot
+            cursor = route = slot
             if follower is not None:
                 cursor = follower.follow(slot, slot, tokens_now)
-            total_slot = slot if total_slot is None else _compose(graph, cursor, slot, total_slot)
+            if padding is not None:  # the merge ran on moved tokens (real first): slots of the old order
+                cursor = route = padding.route(cursor, slot)
+            total_slot = route if total_slot is None else _compose(graph, cursor, route, total_slot)
     for node in graph.nodes:  # the SDPA written out as math stands for the SDPA's old shape
         if "tome_replaces" in node.meta and node.meta["tome_replaces"] is not None:
             old_shapes[node] = tuple(node.meta["tome_replaces"].shape)
