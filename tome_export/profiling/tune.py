@@ -3,20 +3,33 @@
 Owns ``tome-export tune``: parsing the budget, reusing points from the result store for the
 same model, device, input shape and tool version, measuring the missing candidates (export +
 :func:`tome_export.profiling.sweep.profile_bundle`) and choosing among them; candidates are
-r × precision.
+r × precision. Before exporting a candidate it asks the cost model
+(:mod:`tome_export.profiling.cost_model`) whether it can pay or fit the budget and skips
+the ones that can't (``pruned``); what it returns is always measured.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tome_export import __version__
 from tome_export.errors import UserError
+from tome_export.profiling.cost_model import (
+    Coefficients,
+    ModelShape,
+    Prediction,
+    coefficients_for,
+    constant_plan,
+    predict,
+    shape_from_manifest,
+)
 from tome_export.profiling.store import ResultStore
 from tome_export.progress import Progress
 
+PRUNE_TOLERANCE = 0.25  # a candidate predicted this far over the budget is not measured
 _UNITS_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3, "µs": 1e-3, "": 1.0}
 
 
@@ -53,6 +66,56 @@ def _point(rec: dict) -> dict:
     }
 
 
+@dataclass
+class _Predictor:
+    """The cost model anchored on this model: its shape and token counts from the first
+    exported manifest, and a ms scale from the points measured so far."""
+
+    shape: ModelShape
+    tokens: int
+    protected: int
+    depth: int
+    coefficients: Coefficients
+
+    def predict(self, r: int) -> Prediction:
+        return predict(*constant_plan(self.tokens, self.depth, r, self.protected), self.shape, self.coefficients)
+
+    def ms(self, r: int, measured: list[dict]) -> float | None:
+        """Predicted median: the model's ms scaled by measured/predicted of the fp32 points."""
+        scales = sorted(p["median_ms"] / self.predict(p["r"]).total_ms for p in measured if p["precision"] == "fp32")
+        return self.predict(r).total_ms * scales[len(scales) // 2] if scales else None
+
+
+def _predictor(manifest: dict, device: str, coefficients: Coefficients | None) -> _Predictor | None:
+    shape, merge = shape_from_manifest(manifest), manifest.get("merge") or {}
+    coefficients = coefficients or coefficients_for(device, manifest.get("target") or "onnx")
+    tokens, depth = merge.get("tokens_per_layer") or [], len(merge.get("r_per_layer") or [])
+    if shape is None or coefficients is None or not tokens or not depth:
+        return None
+    return _Predictor(shape, int(tokens[0]), int(merge.get("protected_tokens", 0) or 0), depth, coefficients)
+
+
+def prune_reason(
+    r: int, predictor: _Predictor, budget_ms: float, measured: list[dict], candidates: list[int]
+) -> tuple[str, dict] | None:
+    """Why fp32 candidate ``r`` need not be measured (None: measure it), with the prediction.
+
+    Not paying (predicted slower than r=0, which is a candidate and more faithful), or predicted
+    over the budget by more than the model's tolerance. The candidate predicted fastest is
+    always measured, so the reported fastest point is a measurement."""
+    prediction = predictor.predict(r)
+    info = {"r": r, "precision": "fp32", "predicted_speedup": round(prediction.speedup, 3)}
+    if r > 0 and 0 in candidates and prediction.speedup < 1.0:
+        return f"predicted {prediction.speedup:.2f}× vs r=0: slower than the unmerged model", info
+    fastest = max(candidates, key=lambda c: predictor.predict(c).speedup)
+    predicted_ms = predictor.ms(r, measured)
+    if predicted_ms is not None:
+        info["predicted_ms"] = round(predicted_ms, 3)
+        if r != fastest and predicted_ms > budget_ms * (1 + PRUNE_TOLERANCE):
+            return f"predicted {predicted_ms:.2f} ms, over the {budget_ms:g} ms budget", info
+    return None
+
+
 def tune(
     model: str,
     device: str,
@@ -67,11 +130,16 @@ def tune(
     trust_pickle: bool = False,
     precisions: list[str] | None = None,
     min_cosine: float | None = None,
+    prune: bool = True,
+    coefficients: Coefficients | None = None,
 ) -> dict:
     """Use stored points for (model, device, input shape, this version); measure missing candidates.
 
     Candidates are every r × ``precisions`` (default fp32 only); ``min_cosine``: the least
-    fidelity (cosine vs the unmerged fp32 model) a choice may have."""
+    fidelity (cosine vs the unmerged fp32 model) a choice may have. With ``prune``, fp32
+    candidates the cost model (``coefficients``, default: the device's calibrated ones) says
+    cannot pay or cannot fit the budget are not exported; they are listed under ``pruned``
+    and never chosen: the choice is always a measured point."""
     from tome_export.devices import get_device
     from tome_export.pipeline import ExportOptions, export
     from tome_export.profiling.sweep import profile_bundle, token_cap
@@ -90,10 +158,17 @@ def tune(
                     [int(d) for d in s.split(",")] for s in input_shape.split(";")
                 ]:
                     points[key] = _point(rec)  # later records win
-    missing = [(r, p) for r in candidates for p in precisions if (r, p) not in points]
+    missing = [(r, p) for r in sorted(candidates) for p in precisions if (r, p) not in points]
+    predictor, pruned = None, []
     if missing:
         with tempfile.TemporaryDirectory(prefix="tome-tune-") as tmp:
             for r, precision in missing:
+                if prune and predictor is not None and precision == "fp32":
+                    reason = prune_reason(r, predictor, budget_ms, list(points.values()), candidates)
+                    if reason is not None:
+                        progress.say(f"not measuring r={r}: {reason[0]}")
+                        pruned.append({**reason[1], "why": reason[0]})
+                        continue
                 options = ExportOptions(
                     model=model,
                     r=r,
@@ -109,6 +184,7 @@ def tune(
                 cap = token_cap(manifest, trust_pickle, trust_source=True)  # the user named MODEL
                 if cap is not None and r > cap:
                     raise UserError(f"--candidates value {r} is beyond this model's cap r ≤ {cap}")
+                predictor = predictor or _predictor(manifest, profile.name, coefficients)
                 records = profile_bundle(
                     path, profile.name, runs, warmup, progress=progress, trust_pickle=trust_pickle, trust_source=True
                 )
@@ -125,4 +201,5 @@ def tune(
         "choice": best,
         "fastest": min(ordered, key=lambda p: p["median_ms"]) if ordered else None,
         "points": ordered,
+        "pruned": pruned,
     }
