@@ -2,11 +2,13 @@
 
 For several channel counts C and token counts N it exports small random-weight ViTs
 (samples/reference_vit.py, class token, patch 16; 2 blocks unmerged, 4 blocks merged with
-r ≈ N/10 so the merged blocks see a range of N), times each with a plain ONNX Runtime
-session (bench/harness.py: interleaved, no thread spinning) and profiles it with ORT's
-profiler. Per merging layer, the merge op's time is its nodes' kernel time plus their share
-of the time between kernels (run time − kernel sum, spread evenly over the executed nodes:
-the per-op dispatch overhead that makes many small ops expensive). The merge coefficients
+r ≈ N/10 so the merged blocks see a range of N), times them all interleaved in one
+process with plain ONNX Runtime sessions (bench/harness.py, no thread spinning), then
+profiles each with ORT's profiler. Per merging layer, the merge op's time is its nodes'
+kernel time plus their share of the time between kernels (profiled run − kernel sum, spread
+evenly over the executed nodes: the per-op dispatch overhead that makes many small ops
+expensive), scaled by (interleaved run time / profiled run time) so that merge and block
+times share one clock. The merge coefficients
 are fitted on those per-layer samples, the block coefficients on each model's remaining
 time, both by non-negative least squares on relative error. Every time is the 25th percentile
 of its runs, and a sample the first fit misses by > 35% is left out of the second: on a
@@ -73,7 +75,7 @@ def profile(path: Path, feeds: dict, prefix: str) -> dict:
     table = node_attribution(onnx.load(str(path), load_external_data=False))
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[2:]
     kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-    totals, counts, merge_ms, merge_nodes = [], [], {}, {}
+    totals, counts, gaps, durations, merge_ms, merge_nodes = [], [], [], [], {}, {}
     for index, run in enumerate(runs):
         start, stop = run["ts"], run["ts"] + run["dur"]
         total, count = 0.0, 0
@@ -88,10 +90,14 @@ def profile(path: Path, feeds: dict, prefix: str) -> dict:
                 merge_nodes.setdefault(info.layer, [0] * len(runs))[index] += 1
         totals.append(total)
         counts.append(count)
+        durations.append(run["dur"] / 1e3)
+        gaps.append(max(0.0, run["dur"] / 1e3 - total) / max(1, count))
     quantile = lambda values: float(np.percentile(values, QUANTILE))  # noqa: E731
     return {
         "kernel_ms": quantile(totals),
         "nodes": quantile(counts),
+        "run_ms": quantile(durations),
+        "gap_per_node_ms": quantile(gaps),
         "merge_ms": {layer: quantile(v) for layer, v in merge_ms.items()},
         "merge_nodes": {layer: quantile(v) for layer, v in merge_nodes.items()},
     }
@@ -125,42 +131,48 @@ def main() -> None:
     runs = 5 if args.quick else args.runs
     merge_rows, merge_ms, model_rows, model_ms, samples = [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="tome-calibrate-") as tmp:
+        variants = {}
         for dim, img in QUICK if args.quick else FULL:
             tokens = (img // 16) ** 2 + 1
-            variants = {}
             for depth, r in ((2, 0), (4, max(1, tokens // 10))):
                 model, shape, n_layers, r_layers = build(dim, img, depth, r)
                 x = torch.randn(1, 3, img, img)
-                path = Path(tmp) / f"c{dim}-i{img}-r{r}.onnx"
+                path = Path(tmp) / f"c{dim}-n{tokens}-r{r}.onnx"
                 exported = export_onnx(model, (x,))
                 onnx.save(exported.model, str(path))
                 feeds = {exported.input_names[0]: x.numpy()}
-                runner = ort_runner(str(path))
-                variants[f"r{r}"] = (runner, feeds, shape, n_layers, r_layers, path)
+                variants[path.stem] = (ort_runner(str(path)), feeds, shape, n_layers, r_layers, path, dim)
                 log(f"exported C={dim} N={tokens} depth {depth} r={r}")
-            timings = interleaved({k: (lambda v=v: v[0].session.run(None, v[1])) for k, v in variants.items()}, runs, 2)
-            for key, (_, feeds, shape, n_layers, r_layers, path) in variants.items():
-                run_ms = timings[key].percentile(QUANTILE)
-                prof = profile(path, feeds, str(Path(tmp) / f"prof-{path.stem}"))
-                gap_per_node = max(0.0, run_ms - prof["kernel_ms"]) / max(1, prof["nodes"])
-                merged_total = 0.0
-                for index, (n, r) in enumerate(zip(n_layers, r_layers)):
-                    layer = f"blocks.{index}"
-                    if r > 0 and layer in prof["merge_ms"]:
-                        ms = prof["merge_ms"][layer] + gap_per_node * prof["merge_nodes"][layer]
-                        merge_rows.append(cm.merge_features(n, r, shape))
-                        merge_ms.append(ms)
-                        merged_total += ms
-                        samples.append({"kind": "merge", "C": dim, "N": n, "r": r, "ms": round(ms, 4)})
-                features = {t: 0.0 for t in cm.BLOCK_TERMS}
-                for n, r in zip(n_layers, r_layers):
-                    for t, v in cm.block_features(n, r, shape).items():
-                        features[t] += v
-                features["linear_gflop"] += shape.stem_gflop
-                features["model"] = 1.0
-                model_rows.append(features)
-                model_ms.append(run_ms - merged_total)
-                samples.append({"kind": "model", "C": dim, "N": n_layers[0], "r": r_layers[0], "ms": round(run_ms, 3)})
+                del model, exported
+        # Every model in one interleaved round-robin: load changes on a shared machine hit all alike.
+        log(f"timing {len(variants)} models interleaved, {runs} rounds")
+        timings = interleaved({k: (lambda v=v: v[0].session.run(None, v[1])) for k, v in variants.items()}, runs, 2)
+        for key, (_, feeds, shape, n_layers, r_layers, path, dim) in variants.items():
+            run_ms = timings[key].percentile(QUANTILE)
+            prof = profile(path, feeds, str(Path(tmp) / f"prof-{path.stem}"))
+            # The profiled runs ran alone (and under the profiler): scale their merge times to the
+            # interleaved timing's conditions so merge and block times share one clock.
+            load = run_ms / prof["run_ms"]
+            merged_total = 0.0
+            for index, (n, r) in enumerate(zip(n_layers, r_layers)):
+                layer = f"blocks.{index}"
+                if r > 0 and layer in prof["merge_ms"]:
+                    ms = load * (prof["merge_ms"][layer] + prof["gap_per_node_ms"] * prof["merge_nodes"][layer])
+                    merge_rows.append(cm.merge_features(n, r, shape))
+                    merge_ms.append(ms)
+                    merged_total += ms
+                    samples.append({"kind": "merge", "C": dim, "N": n, "r": r, "ms": round(ms, 4)})
+            features = {t: 0.0 for t in cm.BLOCK_TERMS}
+            for index, (n, r) in enumerate(zip(n_layers, r_layers)):
+                for t, v in cm.block_features(n, r, shape, after_merge=any(r_layers[:index])).items():
+                    features[t] += v
+            features["linear_gflop"] += shape.stem_gflop
+            features["model"] = 1.0
+            model_rows.append(features)
+            model_ms.append(run_ms - merged_total)
+            samples.append(
+                {"kind": "model", "C": dim, "N": n_layers[0], "depth": len(r_layers), "r": r_layers[0], "ms": round(run_ms, 3)}
+            )
     merge_coef, merge_res = fit(merge_rows, merge_ms, cm.MERGE_TERMS)
     block_terms = (*cm.BLOCK_TERMS, "model")
     block_coef, block_res = fit(model_rows, model_ms, block_terms)

@@ -126,11 +126,20 @@ def test_export_warns_in_one_line_when_merging_does_not_pay(cli, tmp_path):
     assert "expect ≈0." in lines[0] and "Traceback" not in result.stderr and (tmp_path / "r1" / "manifest.json").is_file()
 
 
-def test_export_does_not_warn_for_vit_s_r16(cli, tmp_path):
-    model = "samples.reference_vit:vit_small_patch16_224"
-    result = cli(model, "--r", "16", "-o", str(tmp_path / "s16"), "--no-verify", "-q")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == ""
+def test_export_hook_does_not_warn_for_vit_s_r16_and_the_cli_prints_nothing_without_a_merge(cli, tmp_path):
+    import torch
+
+    from samples.reference_vit import vit_small_patch16_224
+    from tome_export.merging import apply, merge_state
+
+    model = apply(vit_small_patch16_224(), "tome", r=16)  # what export() hands the hook, minus the export
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    entry = cm.manifest_entry(model, merge_state(model).info(), [(1, 3, 224, 224)], "cpu", "onnx")
+    assert entry["warning"] is None and entry["predicted_speedup"] > 1.3
+    assert entry["shape"]["dim"] == 384 and entry["shape"]["heads"] == 6
+    result = cli(TINY, "--r", "0", "-o", str(tmp_path / "r0"), "--seeds", "1", "-q")
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 
 def _counting_export(monkeypatch) -> list[int]:

@@ -3,8 +3,8 @@
 Owns the latency model of a token-merged transformer: each block's time is a linear
 function of its work — FLOPs of the linear layers (QKV/projection at the block's input
 token count N, MLP after the merge at N − r, ∝ N·C²), of attention scores/values
-(∝ N²·C), elementwise work on the score matrix (∝ heads·N²) and on tokens (∝ N·C), and a
-fixed per-block cost — plus, in every merging layer, the merge op's own cost: the
+(∝ N²·C), elementwise work on the score matrix (∝ heads·N², and again for proportional
+attention's log(size) after the first merge) and on tokens (∝ N·C), and a fixed per-block cost — plus, in every merging layer, the merge op's own cost: the
 similarity matmul (Na·Nb·C/heads on head-averaged keys), sorts (∝ N log N),
 gathers/scatters (∝ N·C) and a fixed per-op overhead, which is what dominates at small N
 (the merge is many small ops). Dividing the predicted r=0 time by the schedule's gives the
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tome_export.merging.bipartite import max_r
 
 COEFFICIENTS_FILE = Path(__file__).with_name("cost_coefficients.json")
-BLOCK_TERMS = ("linear_gflop", "attention_gflop", "scores_melem", "tokens_melem", "fixed")
+BLOCK_TERMS = ("linear_gflop", "attention_gflop", "scores_melem", "merged_scores_melem", "tokens_melem", "fixed")
 MERGE_TERMS = ("similarity_gflop", "tokens_melem", "sort_melem", "fixed")
 PAYS_THRESHOLD = 1.05  # below this predicted speed-up, export warns
 
@@ -44,6 +44,7 @@ class ModelShape:
     mlp_ratio: float = 4.0
     batch: int = 1
     stem_gflop: float = 0.0  # patch embedding etc. per sample: the same merged or not
+    prop_attn: bool = True  # proportional attention: + log(size) on the scores after the first merge
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +66,7 @@ class Coefficients:
     model_fixed_ms: float = 0.0
 
     def label(self) -> str:
-        return f"{self.runtime} on {self.machine}"
+        return f"cost model {self.name}, fitted {self.calibrated}"
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,16 @@ class Prediction:
         return sum(self.merge_ms) / self.unmerged_ms
 
 
-def block_features(tokens_in: int, r: int, shape: ModelShape) -> dict[str, float]:
-    """One block's work: attention at ``tokens_in``, the MLP after the merge (``tokens_in − r``)."""
+def block_features(tokens_in: int, r: int, shape: ModelShape, after_merge: bool = False) -> dict[str, float]:
+    """One block's work: attention at ``tokens_in``, the MLP after the merge (``tokens_in − r``);
+    ``after_merge``: an earlier block merged, so proportional attention adds log(size) to the scores."""
     n, out, c, b = tokens_in, tokens_in - r, shape.dim, shape.batch
     hidden = c * shape.mlp_ratio
     return {
         "linear_gflop": b * (2 * n * c * 4 * c + 2 * 2 * out * c * hidden) / 1e9,
         "attention_gflop": b * 2 * 2 * n * n * c / 1e9,
         "scores_melem": b * shape.heads * n * n / 1e6,
+        "merged_scores_melem": b * shape.heads * n * n / 1e6 if after_merge and shape.prop_attn else 0.0,
         "tokens_melem": b * (n + out) * c / 1e6,
         "fixed": 1.0,
     }
@@ -145,8 +148,8 @@ def predict(
     base_ms = coefficients.model_fixed_ms + stem_ms
     base_flops = 1e9 * shape.stem_gflop * shape.batch
     layer_ms, merge_ms, flops = [], [], base_flops
-    for n, r in zip(tokens_per_layer[:depth], r_per_layer, strict=True):
-        block = block_features(n, r, shape)
+    for index, (n, r) in enumerate(zip(tokens_per_layer[:depth], r_per_layer, strict=True)):
+        block = block_features(n, r, shape, after_merge=any(r_per_layer[:index]))
         merge = _dot(coefficients.merge, merge_features(n, r, shape))
         layer_ms.append(_dot(coefficients.block, block) + merge)
         merge_ms.append(merge)
@@ -278,7 +281,8 @@ def manifest_entry(module, merge: dict, input_shapes: list, device: str, target:
     shape = shape_of(module, batch, patch_tokens=tokens[0] - protected)
     if shape is None:
         return None
-    entry: dict = {"shape": {k: v for k, v in asdict(shape).items() if k != "batch"}}
+    shape = replace(shape, prop_attn=bool(merge.get("prop_attn", True)))
+    entry: dict = {"shape": {k: v for k, v in asdict(shape).items() if k not in ("batch", "prop_attn")}}
     coefficients = coefficients_for(device, target)
     if coefficients is not None:
         prediction = predict(tokens, r_per_layer, shape, coefficients)
@@ -312,7 +316,8 @@ def shape_from_manifest(manifest: dict) -> ModelShape | None:
     inputs = manifest.get("inputs") or [{}]
     first = (inputs[0].get("shape") or [1]) if isinstance(inputs[0], dict) else [1]
     batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 1
-    return ModelShape(dim=int(dim), heads=int(heads), mlp_ratio=ratio, batch=batch, stem_gflop=stem or 0.0)
+    prop_attn = merge.get("prop_attn") is not False
+    return ModelShape(int(dim), int(heads), ratio, batch, stem or 0.0, prop_attn)
 
 
 def predicted_for(manifest: dict, device: str) -> dict | None:

@@ -24,7 +24,7 @@ from tome_export.profiling.cost_model import (
     coefficients_for,
     constant_plan,
     predict,
-    shape_from_manifest,
+    shape_of,
 )
 from tome_export.profiling.store import ResultStore
 from tome_export.progress import Progress
@@ -86,13 +86,42 @@ class _Predictor:
         return self.predict(r).total_ms * scales[len(scales) // 2] if scales else None
 
 
-def _predictor(manifest: dict, device: str, coefficients: Coefficients | None) -> _Predictor | None:
-    shape, merge = shape_from_manifest(manifest), manifest.get("merge") or {}
-    coefficients = coefficients or coefficients_for(device, manifest.get("target") or "onnx")
-    tokens, depth = merge.get("tokens_per_layer") or [], len(merge.get("r_per_layer") or [])
-    if shape is None or coefficients is None or not tokens or not depth:
+def model_predictor(
+    model: str, input_shape: str | None, device: str, trust_pickle: bool, coefficients: Coefficients | None
+) -> _Predictor | None:
+    """The cost model for MODEL at its input shape: one eager forward with ToMe at r=1 gives
+    the token count, protected tokens and depth; None when that model can't be patched here."""
+    import torch
+
+    from tome_export.devices import get_device
+    from tome_export.exporter.load import load_model
+    from tome_export.inputs import default_input_shapes, make_inputs
+    from tome_export.merging import apply, merge_state
+    from tome_export.options import parse_input_shape
+
+    coefficients = coefficients or coefficients_for(device, get_device(device).default_target)
+    if coefficients is None:
         return None
-    return _Predictor(shape, int(tokens[0]), int(merge.get("protected_tokens", 0) or 0), depth, coefficients)
+    loaded = load_model(model, None, trust_pickle)
+    shapes = parse_input_shape(input_shape) if input_shape else default_input_shapes(loaded.module)
+    shapes = shapes or ([loaded.default_input_shape] if loaded.default_input_shape else None)
+    if shapes is None:
+        return None
+    try:
+        module = apply(loaded.module, "tome", r=1)
+        with torch.no_grad():
+            module(*make_inputs(module, shapes, 0))
+    except Exception:  # noqa: BLE001 - not patchable eagerly (graph insertion, other blocks): no pruning
+        return None
+    state = merge_state(module)
+    if state is None or not state.tokens_per_layer:
+        return None
+    tokens, protected = state.tokens_per_layer[0], state.protected
+    batch = shapes[0][0] if isinstance(shapes[0][0], int) else 1
+    shape = shape_of(module, batch, patch_tokens=tokens - protected)
+    if shape is None:
+        return None
+    return _Predictor(shape, tokens, protected, len(state.tokens_per_layer), coefficients)
 
 
 def prune_reason(
@@ -159,7 +188,11 @@ def tune(
                 ]:
                     points[key] = _point(rec)  # later records win
     missing = [(r, p) for r in sorted(candidates) for p in precisions if (r, p) not in points]
-    predictor, pruned = None, []
+    pruned, fp32_missing = [], [r for r, p in missing if p == "fp32"]
+    predictor = None
+    if prune and len(fp32_missing) > 1:
+        with progress.step(f"cost model: reading {model}'s shape and token counts"):
+            predictor = model_predictor(model, input_shape, profile.name, trust_pickle, coefficients)
     if missing:
         with tempfile.TemporaryDirectory(prefix="tome-tune-") as tmp:
             for r, precision in missing:
@@ -184,7 +217,6 @@ def tune(
                 cap = token_cap(manifest, trust_pickle, trust_source=True)  # the user named MODEL
                 if cap is not None and r > cap:
                     raise UserError(f"--candidates value {r} is beyond this model's cap r ≤ {cap}")
-                predictor = predictor or _predictor(manifest, profile.name, coefficients)
                 records = profile_bundle(
                     path, profile.name, runs, warmup, progress=progress, trust_pickle=trust_pickle, trust_source=True
                 )
