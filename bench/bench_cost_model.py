@@ -69,8 +69,8 @@ def measure_model(name: str, timm_name: str, img: int, r_values, coefficients, r
         del model, exported
     timings = interleaved(variants, runs, warmup)
     ms = medians(timings)
-    rows = {}
-    for r in r_values:
+    rows = {"0": {"ms": ms["r0"], "p90_ms": round(timings["r0"].p90_ms, 3)}}
+    for r in r_values[1:]:
         measured = ms["r0"] / ms[f"r{r}"]
         predicted = predictions[r].speedup
         rows[str(r)] = {
@@ -106,7 +106,8 @@ def main() -> None:
     results = {}
     for name, (timm_name, img, r_values) in chosen.items():
         results[name] = measure_model(name, timm_name, img, r_values, coefficients, runs, args.warmup)
-    errors = [abs(row["relative_error"]) for res in results.values() for r, row in res["per_r"].items() if r != "0"]
+    rows = [row for res in results.values() for r, row in res["per_r"].items() if r != "0"]
+    errors = [abs(row["relative_error"]) for row in rows]
     emit(
         {
             "bench": "cost_model",
@@ -119,12 +120,7 @@ def main() -> None:
             "max_abs_relative_error": round(max(errors), 3) if errors else None,
             "within_goal": sum(e <= GOAL for e in errors),
             "predictions": len(errors),
-            "pays_agreement": sum(
-                row["pays_measured"] == row["pays_predicted"]
-                for res in results.values()
-                for r, row in res["per_r"].items()
-                if r != "0"
-            ),
+            "pays_agreement": sum(row["pays_measured"] == row["pays_predicted"] for row in rows),
         }
     )
 

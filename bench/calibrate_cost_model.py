@@ -189,9 +189,7 @@ def main() -> None:
         model_fixed_ms=model_fixed,
     )
     if args.write:
-        table = json.loads(cm.COEFFICIENTS_FILE.read_text()) if cm.COEFFICIENTS_FILE.is_file() else {}
-        table.setdefault("profiles", {})[args.profile] = cm.coefficients_to_json(coefficients)
-        cm.COEFFICIENTS_FILE.write_text(json.dumps(table, indent=2) + "\n")
+        cm.write_coefficients(coefficients)
         log(f"wrote {args.profile} to {cm.COEFFICIENTS_FILE}")
     emit(
         {

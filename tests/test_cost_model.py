@@ -84,10 +84,10 @@ def test_coefficients_table_round_trips(tmp_path):
     import json
 
     path = tmp_path / "table.json"
-    entry = cm.coefficients_to_json(EXPENSIVE_MERGE)
-    path.write_text(json.dumps({"profiles": {"expensive-merge": {**entry, "devices": ["cpu"], "targets": ["onnx"]}}}))
-    loaded = cm.coefficients_for("cpu", "onnx", path)
-    assert loaded == cm.Coefficients(**{**vars(EXPENSIVE_MERGE), "devices": ("cpu",), "targets": ("onnx",)})
+    path.write_text(json.dumps({"profiles": {"other": {"devices": ["apple-a17-pro"], "targets": ["coreml"]}}}))
+    cm.write_coefficients(EXPENSIVE_MERGE, path)
+    assert cm.coefficients_for("cpu", "onnx", path) == EXPENSIVE_MERGE
+    assert cm.coefficients_for("apple-a17-pro", "coreml", path).name == "other"  # other entries kept
     assert cm.coefficients_for("jetson-orin-nano", "trt", path) is None
 
 

@@ -17,7 +17,7 @@ lowering changes: the script rewrites that file.
 
 Public surface: :class:`ModelShape`, :class:`Coefficients`, :class:`Prediction`,
 :func:`predict`, :func:`block_features`, :func:`merge_features`, :func:`coefficients_for`,
-:func:`shape_of`, :func:`warning_line`, :func:`manifest_entry`, :func:`predicted_for`.
+:func:`write_coefficients`, :func:`shape_of`, :func:`warning_line`, :func:`manifest_entry`, :func:`predicted_for`.
 """
 
 from __future__ import annotations
@@ -207,6 +207,13 @@ def coefficients_to_json(coefficients: Coefficients) -> dict:
     entry.pop("name")
     entry["devices"], entry["targets"] = list(coefficients.devices), list(coefficients.targets)
     return entry
+
+
+def write_coefficients(coefficients: Coefficients, path: Path = COEFFICIENTS_FILE) -> None:
+    """Store ``coefficients`` in the table under its name (other entries kept)."""
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table.setdefault("profiles", {})[coefficients.name] = coefficients_to_json(coefficients)
+    path.write_text(json.dumps(table, indent=2) + "\n")
 
 
 def shape_of(module, batch: int = 1, patch_tokens: int | None = None) -> ModelShape | None:
