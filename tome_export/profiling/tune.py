@@ -68,8 +68,8 @@ def _point(rec: dict) -> dict:
 
 @dataclass
 class _Predictor:
-    """The cost model anchored on this model: its shape and token counts from the first
-    exported manifest, and a ms scale from the points measured so far."""
+    """The cost model for one model (its shape, token count, depth), predicting any constant r;
+    :meth:`ms` turns a prediction into milliseconds with the points measured so far."""
 
     shape: ModelShape
     tokens: int
