@@ -95,6 +95,9 @@ def export_command(as_json: bool, quiet: bool, **params) -> None:
     options = ExportOptions.from_cli(params)
     progress = Progress(quiet)
     path, manifest = export(options, progress)
+    warning = ((manifest.get("merge") or {}).get("cost_model") or {}).get("warning")
+    if warning:  # merging predicted not to pay: one line, even with -q; not an error
+        click.echo(warning, err=True)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
     progress.say(f"wrote {path}/ ({', '.join(manifest['artifacts'])}, manifest.json)")
@@ -249,12 +252,14 @@ def import_results_command(file, db, quiet):
 @click.option("--remeasure", is_flag=True, help="Ignore stored points and measure every candidate.")
 @click.option("--precisions", default="fp32", show_default=True, help="Precisions to consider, e.g. fp32,int8.")
 @click.option("--min-cosine", type=float, default=None, help="Least fidelity (cosine vs unmerged fp32) to accept.")
+@click.option("--no-prune", is_flag=True, help="Measure every candidate, even those the cost model rules out.")
 @db_option
 @click.option("--trust-pickle", is_flag=True)
 @json_option("the decision")
 @quiet_option
 def tune_command(
-    model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, precisions, min_cosine, db, trust_pickle, as_json, quiet
+    model, device, latency_budget, candidates, input_shape, runs, warmup, remeasure, precisions, min_cosine, no_prune, db,
+    trust_pickle, as_json, quiet
 ):
     """Find the r that meets a latency budget on DEVICE with the best fidelity (exit 1 if none does)."""
     from tome_export.options import parse_input_shape
@@ -287,6 +292,7 @@ def tune_command(
             trust_pickle,
             precision_list,
             min_cosine,
+            prune=not no_prune,
         )
     if as_json:
         click.echo(json.dumps(decision, indent=2))
@@ -299,6 +305,8 @@ def tune_command(
                 f"{mark} {p['schedule']:<8} {p['precision']:<5} {p['median_ms']:8.2f} ms  cosine {cos}  "
                 f"top-1 {top1}  ({p['from']})"
             )
+        for p in decision["pruned"]:
+            click.echo(f"  r={p['r']:<6} {p['precision']:<5} not measured: {p['why']}")
         if decision["met"]:
             click.echo(
                 f"choose {decision['choice']['schedule']} {decision['choice']['precision']}: "

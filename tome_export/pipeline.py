@@ -45,6 +45,16 @@ def _merge_manifest(model: nn.Module, method: Method) -> dict:
     return {"insertion": "eager", **state.info()}
 
 
+def _attach_cost_model(manifest: dict, module: nn.Module, input_shapes: list, device: str, target: str) -> None:
+    """``merge.cost_model``: the model's shape and, where calibrated, the predicted speed-up (and
+    the one-line warning the CLI prints when merging is not predicted to pay)."""
+    from tome_export.profiling.cost_model import manifest_entry
+
+    entry = manifest_entry(module, manifest.get("merge") or {}, input_shapes, device, target)
+    if entry is not None:
+        manifest["merge"]["cost_model"] = entry
+
+
 def _lowering_for(options: ExportOptions, target: Target, device) -> str:
     lowering = options.lowering or (device.lowering if device.lowering in target.lowerings else target.default_lowering)
     if target.uses_onnx_lowering:
@@ -127,6 +137,7 @@ def export(options: ExportOptions, progress: Progress | None = None) -> tuple[Pa
             add_dynamic_loading(ctx, budget)
         if target.finalize is not None:
             target.finalize(ctx)
+        _attach_cost_model(ctx.manifest, loaded.module, input_shapes, device.name, target.name)
         manifest = bundle.write_manifest(ctx.manifest)
     if writer.aside is not None:
         progress.say(f"--force: the folder that was at {out} is kept as {writer.aside}")

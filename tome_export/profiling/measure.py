@@ -3,7 +3,7 @@
 Owns everything that reads a bundle without re-exporting it: random inputs in the
 manifest's shapes, the timed runs, ONNX Runtime's profiler breakdown (merge ops' share),
 fidelity against the unmerged eager model, and turning one measurement into a result
-record (:func:`record_for`). Re-exporting for other ratios or batch sizes is
+record (:func:`record_for`, with the cost model's predicted speed-up). Re-exporting for other ratios or batch sizes is
 :mod:`tome_export.profiling.sweep`'s job.
 """
 
@@ -24,6 +24,7 @@ from tome_export import __version__
 from tome_export.devices import DeviceProfile
 from tome_export.errors import UserError
 from tome_export.profiling.breakdown import breakdown, node_attribution
+from tome_export.profiling.cost_model import predicted_for
 from tome_export.profiling.stats import latency_stats
 from tome_export.progress import Progress
 
@@ -212,5 +213,7 @@ def record_for(manifest: dict, device: DeviceProfile, measured: dict, batch: int
         "host": f"{platform.system()} {platform.machine()} {os.cpu_count()} cpus",
         "source": "measured",
         "throughput_per_s": batch / (latency["median"] / 1e3),
+        # the cost model's speed-up vs r=0, shown next to the measured one (None: not calibrated here)
+        "predicted": predicted_for(manifest, device.name),
         **measured,
     }

@@ -44,6 +44,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 "spread_ms": latest["latency_ms"].get("spread"),
                 "throughput_per_s": latest.get("throughput_per_s"),
                 "merge_share": breakdown.get("merge_share"),
+                "predicted_speedup": (latest.get("predicted") or {}).get("speedup_vs_r0"),
                 "breakdown_coverage": breakdown.get("coverage"),
                 "breakdown_consistent": breakdown.get("consistent"),
                 "cosine": fidelity.get("cosine"),
@@ -87,6 +88,7 @@ def table(rows: list[dict]) -> str:
         "±spread",
         "p90 ms",
         "speed-up",
+        "predicted",
         "per s",
         "merge %",
         "ops/run",
@@ -109,6 +111,7 @@ def table(rows: list[dict]) -> str:
                 _fmt(row["spread_ms"], ".2f"),
                 _fmt(row["p90_ms"], ".2f"),
                 _fmt(base / row["median_ms"] if base else None, ".2f") + ("×" if base else ""),
+                _fmt(row.get("predicted_speedup"), ".2f") + ("×" if row.get("predicted_speedup") else ""),
                 _fmt(row["throughput_per_s"], ".1f"),
                 _fmt(row["merge_share"] * 100 if row["merge_share"] is not None else None, ".1f"),
                 _fmt(coverage * 100 if coverage is not None else None, ".0f")
@@ -127,7 +130,7 @@ def table(rows: list[dict]) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     out.append(
-        "spread = p90 − p10 of the timed runs; per s = batch / median; repeat 'ok' = the last two runs' medians differ by at most "
+        "spread = p90 − p10 of the timed runs; predicted = the cost model's speed-up vs r=0; per s = batch / median; repeat 'ok' = the last two runs' medians differ by at most "
         "the larger spread; ops/run = per-op profiler time / end-to-end time (! = off by more than 10%)"
     )
     return "\n".join(out)

@@ -114,6 +114,8 @@ def validate_record(rec: object) -> None:
                 _check_numbers(breakdown[key], f"breakdown.{key}", tuple(breakdown[key]))
     if rec.get("fidelity") is not None:
         _check_numbers(rec["fidelity"], "fidelity", ("cosine", "cosine_min", "top1_agreement"))
+    if rec.get("predicted") is not None:
+        _check_numbers(rec["predicted"], "predicted", ("speedup_vs_r0", "flop_ratio", "merge_cost", "latency_ratio"))
     if rec.get("source") is not None and not isinstance(rec["source"], str):
         raise ValueError("source is not a string")
     if _depth(rec, MAX_DEPTH) > MAX_DEPTH:
