@@ -18,11 +18,13 @@ process (``bench/harness.py``: warm-up, medians, ORT sessions without thread spi
   ``attention_bias`` and the keys for the merge metric from its ``present`` output — the
   candidate a tome-export pass would write (:func:`fuse_qkv_attention` below).
 
+Then the attention alone (``--tokens``: N of merged layers; with and without the log(size)
+bias; :func:`attention_subgraph`), process-CPU medians per fused op over the plain subgraph.
 Reports wall and process-CPU medians (CPU time moves less with other load on a shared
 machine), ratios to ``plain``, max abs error vs ``plain``, the fused nodes, and
 ``r0_goal``: our r=0 export's time over the best of (stock, stock+ort_optimizer) — ≤ 1.0
 meets the goal. Usage:
-``python bench/bench_attention.py [--runs 30] [--batch 1] [--models reference,timm] [--quick]``
+``python bench/bench_attention.py [--runs 30] [--batch 1] [--models reference,timm] [--tokens 197,181,101,37] [--quick]``
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from onnx import helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tome_export  # noqa: E402
-from bench.harness import emit, interleaved, log, machine, ort_runner  # noqa: E402
+from bench.harness import emit, interleaved, log, machine, medians, ort_runner  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 
 FUSED_OPS = ("MultiHeadAttention", "Attention", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu")
@@ -204,26 +206,132 @@ def _topological(nodes: list, available: set[str]) -> list:
     return ordered
 
 
+def attention_subgraph(kind: str, batch: int, tokens: int, bias: bool, heads: int = 6, head_dim: int = 64):
+    """One ViT-S attention alone — x (B, N, C) → QKV projection → attention → (B, N, C), the
+    keys' mean over heads (the merge metric) as a second output — written as ``kind``:
+    ``plain`` (what we export), ``mha`` (MultiHeadAttention on the split projection),
+    ``attention`` (com.microsoft Attention, keys from ``present``), ``attention23`` (ONNX
+    Attention, opset 23). ``bias``: a (B, 1, 1, N) log-size input added to the scores."""
+    dim, make = heads * head_dim, helper.make_node
+    rng = np.random.default_rng(1)
+    consts = {
+        "W": (rng.standard_normal((dim, 3 * dim)) * 0.05).astype(np.float32),
+        "b": (rng.standard_normal(3 * dim) * 0.1).astype(np.float32),
+        "qkv_shape": np.array([batch, tokens, 3, heads, head_dim], np.int64),
+        "out_shape": np.array([batch, tokens, dim], np.int64),
+        "bias_shape": np.array([batch, 1, tokens, tokens], np.int64),
+        "scale": np.array(head_dim**-0.5, np.float32),
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "first": np.array(0, np.int64),
+    }
+    nodes = [make("Expand", ["log_size", "bias_shape"], ["bias"])] if bias else []
+    if kind == "attention":
+        inputs = ["x", "W", "b"] + (["", "", "bias"] if bias else [])
+        nodes += [
+            make("Attention", inputs, ["out", "present"], domain="com.microsoft", num_heads=heads),
+            make("Gather", ["present", "first"], ["k"], axis=0),
+        ]
+    else:
+        nodes += [
+            make("MatMul", ["x", "W"], ["xw"]),
+            make("Add", ["xw", "b"], ["qkv"]),
+            make("Reshape", ["qkv", "qkv_shape"], ["qkv5"]),
+            make("Transpose", ["qkv5"], ["qkv_heads"], perm=[2, 0, 3, 1, 4]),
+            make("Split", ["qkv_heads"], ["q1", "k1", "v1"], axis=0, num_outputs=3),
+        ]
+        nodes += [make("Squeeze", [f"{t}1", "zero"], [t]) for t in "qkv"]
+    if kind == "mha":
+        nodes += [
+            make("Split", ["qkv"], ["q3", "k3", "v3"], axis=2, num_outputs=3),
+            make(
+                "MultiHeadAttention",
+                ["q3", "k3", "v3"] + (["", "", "bias"] if bias else []),
+                ["out"],
+                domain="com.microsoft",
+                num_heads=heads,
+            ),
+        ]
+    elif kind in ("plain", "attention23"):
+        if kind == "plain":
+            nodes += [
+                make("Mul", ["q", "scale"], ["qs"]),
+                make("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+                make("MatMul", ["qs", "kt"], ["scores"]),
+            ]
+            if bias:
+                nodes.append(make("Add", ["scores", "log_size"], ["biased"]))
+            nodes += [
+                make("Softmax", ["biased" if bias else "scores"], ["weights"], axis=-1),
+                make("MatMul", ["weights", "v"], ["heads_out"]),
+            ]
+        else:
+            nodes.append(make("Attention", ["q", "k", "v"] + (["bias"] if bias else []), ["heads_out"]))
+        nodes += [
+            make("Transpose", ["heads_out"], ["tokens_out"], perm=[0, 2, 1, 3]),
+            make("Reshape", ["tokens_out", "out_shape"], ["out"]),
+        ]
+    nodes.append(make("ReduceMean", ["k", "one"], ["metric"], keepdims=0))
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, tokens, dim])]
+    if bias:
+        inputs.append(helper.make_tensor_value_info("log_size", onnx.TensorProto.FLOAT, [batch, 1, 1, tokens]))
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("out", "metric")]
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    graph = helper.make_graph(nodes, kind, inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 23 if kind == "attention23" else 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def time_subgraphs(batch: int, tokens: list[int], runs: int, warmup: int) -> dict:
+    """CPU-time medians of every subgraph ``kind`` per (N, bias), ratio to ``plain``, and the
+    largest output difference to ``plain`` (both outputs)."""
+    rng, results = np.random.default_rng(0), {}
+    for n in tokens:
+        for bias in (False, True):
+            feeds = {"x": rng.standard_normal((batch, n, 384), np.float32)}
+            if bias:
+                feeds["log_size"] = np.log(rng.integers(1, 5, (batch, 1, 1, n))).astype(np.float32)
+            kinds = ("plain", "mha", "attention", "attention23")
+            sessions = {k: ort_runner(attention_subgraph(k, batch, n, bias)).session for k in kinds}
+            got = {k: s.run(None, feeds) for k, s in sessions.items()}
+            cpu = medians(
+                interleaved(
+                    {k: _cpu_clock(s, feeds) for k, s in sessions.items()},
+                    runs,
+                    warmup,
+                    elapsed_s=lambda name, seconds: seconds,
+                )
+            )
+            results[f"N{n}/{'bias' if bias else 'no_bias'}"] = {
+                "plain_cpu_ms": cpu["plain"],
+                "cpu_vs_plain": {k: round(cpu[k] / cpu["plain"], 3) for k in kinds[1:]},
+                "max_abs_err_vs_plain": {
+                    k: max(float(np.abs(a - b).max()) for a, b in zip(got[k], got["plain"])) for k in kinds[1:]
+                },
+            }
+            log(f"subgraph N={n} bias={bias}: {results[f'N{n}/' + ('bias' if bias else 'no_bias')]['cpu_vs_plain']}")
+    return results
+
+
+def _cpu_clock(session, feeds):
+    def run():
+        start = time.process_time()
+        session.run(None, feeds)
+        return time.process_time() - start
+
+    return run
+
+
 def fused(model: onnx.ModelProto) -> dict[str, int]:
     ops = Counter(n.op_type for n in model.graph.node)
     return {op: ops[op] for op in FUSED_OPS if ops[op]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--models", default="reference,timm")
-    parser.add_argument("--quick", action="store_true", help="reference model, 5 runs: a smoke run, not a result")
-    args = parser.parse_args()
-    models = ["reference"] if args.quick else args.models.split(",")
-    runs, warmup = (5, 1) if args.quick else (args.runs, args.warmup)
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    x = torch.randn(args.batch, 3, 224, 224)
-    feeds_x = x.numpy()
+def time_models(models: list[str], batch: int, runs: int, warmup: int) -> dict:
+    """Every whole-model variant, interleaved: wall and CPU medians, ratios, errors, fused nodes."""
+    if not models:
+        return {}
+    x = torch.randn(batch, 3, 224, 224)
     graphs: dict[str, onnx.ModelProto] = {}
     for model_name in models:
         for r in (0, 16):
@@ -242,7 +350,7 @@ def main() -> None:
             graphs[f"{prefix}/attention"] = fuse_qkv_attention(plain)[0]
             log(f"built {prefix} graphs")
     sessions = {name: ort_runner(graph).session for name, graph in graphs.items()}
-    feeds = {name: {s.get_inputs()[0].name: feeds_x} for name, s in sessions.items()}
+    feeds = {name: {s.get_inputs()[0].name: x.numpy()} for name, s in sessions.items()}
     outputs = {name: s.run(None, feeds[name])[0] for name, s in sessions.items()}
     cpu_ms: dict[str, list[float]] = {name: [] for name in sessions}
 
@@ -259,7 +367,7 @@ def main() -> None:
         return measured[0]
 
     timings = interleaved({n: timed(n) for n in sessions}, runs, warmup, elapsed_s=wall_keeping_cpu)
-    results = {}
+    results: dict = {}
     for name, graph in graphs.items():
         model_name, r, variant = name.split("/")
         plain = f"{model_name}/{r}/plain"
@@ -274,11 +382,30 @@ def main() -> None:
         }
     for per_r in results.values():
         r0 = per_r["r0"]
-        for clock in ("wall_ms", "cpu_ms"):
-            best_peer = min(r0["stock"][clock], r0["stock+ort_optimizer"][clock])
-            per_r.setdefault("r0_goal", {})[f"plain_over_best_peer_{clock[:-3]}"] = round(
-                r0["plain"][clock] / best_peer, 3
+        per_r["r0_goal"] = {
+            f"plain_over_best_peer_{clock[:-3]}": round(
+                r0["plain"][clock] / min(r0["stock"][clock], r0["stock+ort_optimizer"][clock]), 3
             )
+            for clock in ("wall_ms", "cpu_ms")
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--models", default="reference,timm", help="'' for none (subgraphs only)")
+    parser.add_argument("--tokens", default="197,181,101,37", help="N of the attention-subgraph runs; '' for none")
+    parser.add_argument("--quick", action="store_true", help="reference model, N=197, 5 runs: a smoke run")
+    args = parser.parse_args()
+    models = ["reference"] if args.quick else [m for m in args.models.split(",") if m]
+    tokens = [197] if args.quick else [int(n) for n in args.tokens.split(",") if n]
+    runs, warmup = (5, 1) if args.quick else (args.runs, args.warmup)
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
     emit(
         {
             "bench": "attention_onnx_cpu",
@@ -288,7 +415,8 @@ def main() -> None:
             "batch": args.batch,
             "runs": runs,
             "quick": args.quick,
-            "results": results,
+            "subgraph": time_subgraphs(args.batch, tokens, runs, warmup),
+            "results": time_models(models, args.batch, runs, warmup),
         }
     )
 
