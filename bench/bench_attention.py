@@ -142,6 +142,9 @@ def fuse_qkv_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         out = users.get(softmax.output[0], [])
         if mul is None or key_t is None or len(out) != 1 or out[0].op_type != "MatMul" or mul.input[1] not in consts:
             continue
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+        if consts[mul.input[1]].size != 1 or list(key_t.attribute[0].ints) != [0, 1, 3, 2] or axis not in (-1, 3):
+            continue  # per-channel scale, another transpose, softmax over another axis
         back = users.get(out[0].output[0], [None])[0]
         flat = back and users.get(back.output[0], [None])[0]
         if back is None or back.op_type != "Transpose" or flat is None or flat.op_type != "Reshape":
