@@ -117,12 +117,15 @@ def fuse_qkv_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         node = producer.get(name)
         return node if node is not None and node.op_type == op else None
 
-    def unpacked(name: str):  # q/k/v = Squeeze(Slice(Transpose[2,0,3,1,4](Reshape(x @ W + b))))
+    def unpacked(name: str, index: int):  # Squeeze(Slice[index](Transpose[2,0,3,1,4](Reshape(x @ W + b))))
         squeeze = made_by(name, "Squeeze")
         piece = squeeze and made_by(squeeze.input[0], "Slice")
         perm = piece and made_by(piece.input[0], "Transpose")
         if perm is None or list(perm.attribute[0].ints) != [2, 0, 3, 1, 4]:
             return None
+        slicing = [consts.get(i) for i in piece.input[1:4]]
+        if any(c is None for c in slicing) or [int(c.reshape(-1)[0]) for c in slicing] != [index, index + 1, 0]:
+            return None  # q, k, v must be the projection's slots 0, 1, 2 along axis 0
         reshape = made_by(perm.input[0], "Reshape")
         add = reshape and made_by(reshape.input[0], "Add")
         matmul = add and made_by(add.input[0], "MatMul")
@@ -150,19 +153,25 @@ def fuse_qkv_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if back is None or back.op_type != "Transpose" or flat is None or flat.op_type != "Reshape":
             continue
         q, k, v = mul.input[0], key_t.input[0], out[0].input[1]
-        parts = [unpacked(name) for name in (q, k, v)]
+        parts = [unpacked(name, i) for i, name in enumerate((q, k, v))]
         if any(p is None for p in parts) or len({p[0].name for p in parts}) != 1:
             continue
-        projection = parts[0][0]
-        add = parts[0][1][4]
+        projection, add = parts[0][0], parts[0][1][4]
+        removed = {id(n) for n in (softmax, scores, bias, mul, key_t, out[0], back, flat, *parts[0][1]) if n}
+        removed |= {id(n) for p in parts for n in p[1]}
+        outside = {o for n in graph.node if id(n) in removed for o in n.output if o not in (k, flat.output[0])} & (
+            {o.name for o in graph.output} | {i for n in graph.node if id(n) not in removed for i in n.input}
+        )
+        score_shape = shapes.get(scores.output[0], [])
+        if outside or len(score_shape) != 4 or min(score_shape) <= 0 or len(shapes.get(flat.output[0], [])) != 3:
+            continue  # an intermediate read elsewhere, or shapes not static
         name = f"fused_attention_{count}"
         inputs = [projection.input[0], projection.input[1], add.input[1]]
         nodes = []
         if bias is not None:
             other = bias.input[1] if bias.input[0] == scores.output[0] else bias.input[0]
             target = f"{name}_bias_shape"
-            shape = list(shapes[scores.output[0]])
-            shape[1] = 1
+            shape = [score_shape[0], 1, *score_shape[2:]]
             graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), target))
             nodes.append(helper.make_node("Expand", [other, target], [f"{name}_bias"]))
             inputs += ["", "", f"{name}_bias"]
@@ -177,8 +186,7 @@ def fuse_qkv_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), f"{name}_key"))
             nodes.append(helper.make_node("Gather", [f"{name}_present", f"{name}_key"], [k], axis=0))
         replace[id(softmax)] = nodes
-        dead |= {id(n) for n in (softmax, scores, bias, mul, key_t, out[0], back, flat) if n is not None}
-        dead |= {id(n) for p in parts for n in p[1]}
+        dead |= removed
         count += 1
     kept = []
     for node in graph.node:
