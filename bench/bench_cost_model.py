@@ -3,7 +3,7 @@
 For each model (timm, random weights) it exports r=0 and several r with tome-export's
 exporter (scatter lowering), times the variants of one model interleaved in one process
 (bench/harness.py: warm-up, medians of --runs, ORT sessions without thread spinning), and
-compares the measured speed-up with tome_export.profiling.cost_model's prediction from the
+compares the measured speed-up with tome_export.cost_model's prediction from the
 same token counts. Goal: within 10%. The set: ViT-S/16 and ViT-B/16 at 224 and 384,
 DINOv2-S/14 at 518 (1370 tokens; r=8 measured 0.95× before: the case that doesn't pay).
 
@@ -30,7 +30,7 @@ import onnxruntime as ort  # noqa: E402
 import tome_export  # noqa: E402
 from bench.harness import emit, interleaved, log, machine, medians, ort_runner  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
-from tome_export.profiling import cost_model as cm  # noqa: E402
+from tome_export import cost_model as cm  # noqa: E402
 
 # name: (timm model, image size, r values)
 MODELS = {

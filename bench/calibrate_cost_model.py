@@ -1,4 +1,4 @@
-"""Fit the cost model's coefficients (tome_export/profiling/cost_model.py) on this machine.
+"""Fit the cost model's coefficients (tome_export/cost_model.py) on this machine.
 
 For several channel counts C and token counts N it exports small random-weight ViTs
 (samples/reference_vit.py, class token, patch 16; 2 blocks unmerged, 4 blocks merged with
@@ -16,7 +16,7 @@ shared machine the least disturbed runs are the ones that describe the machine.
 
     python bench/calibrate_cost_model.py [--quick] [--runs 20] [--write]
 
-``--write`` stores the fit in tome_export/profiling/cost_coefficients.json under --profile
+``--write`` stores the fit in tome_export/cost_coefficients.json under --profile
 (default onnxruntime-cpu), with this machine named; without it the file is untouched.
 Re-run it after the merge lowering changes. One JSON object is printed last.
 """
@@ -44,7 +44,7 @@ import tome_export  # noqa: E402
 from bench.harness import emit, interleaved, log, machine, ort_profiling_session, ort_runner  # noqa: E402
 from samples.reference_vit import VisionTransformer  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
-from tome_export.profiling import cost_model as cm  # noqa: E402
+from tome_export import cost_model as cm  # noqa: E402
 from tome_export.profiling.breakdown import node_attribution  # noqa: E402
 
 FULL = [(c, img) for c in (192, 384, 768) for img in (112, 224, 384)] + [(384, 512)]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tome_export.profiling import cost_model as cm
+from tome_export import cost_model as cm
 from tome_export.profiling.report import summarize, table
 
 pytest_plugins = ["tests.bundle_fixtures"]

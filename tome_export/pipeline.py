@@ -48,7 +48,7 @@ def _merge_manifest(model: nn.Module, method: Method) -> dict:
 def _attach_cost_model(manifest: dict, module: nn.Module, input_shapes: list, device: str, target: str) -> None:
     """``merge.cost_model``: the model's shape and, where calibrated, the predicted speed-up (and
     the one-line warning the CLI prints when merging is not predicted to pay)."""
-    from tome_export.profiling.cost_model import manifest_entry
+    from tome_export.cost_model import manifest_entry
 
     entry = manifest_entry(module, manifest.get("merge") or {}, input_shapes, device, target)
     if entry is not None:

@@ -6,7 +6,6 @@
   re-exporting the bundle's source model where a variant differs from the bundle;
 - :class:`ResultStore` keeps every record in SQLite (WAL; safe for concurrent writers);
 - :mod:`report` prints and plots a comparison across devices; :mod:`tune` picks a ratio;
-- :mod:`cost_model` predicts a schedule's speed-up before export (and when merging won't pay).
 """
 
 from tome_export.profiling.stats import latency_stats, medians_consistent

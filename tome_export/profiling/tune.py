@@ -4,7 +4,7 @@ Owns ``tome-export tune``: parsing the budget, reusing points from the result st
 same model, device, input shape and tool version, measuring the missing candidates (export +
 :func:`tome_export.profiling.sweep.profile_bundle`) and choosing among them; candidates are
 r × precision. Before exporting a candidate it asks the cost model
-(:mod:`tome_export.profiling.cost_model`) whether it can pay or fit the budget and skips
+(:mod:`tome_export.cost_model`) whether it can pay or fit the budget and skips
 the ones that can't (``pruned``); what it returns is always measured.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tome_export import __version__
 from tome_export.errors import UserError
-from tome_export.profiling.cost_model import (
+from tome_export.cost_model import (
     Coefficients,
     ModelShape,
     Prediction,
