@@ -5,8 +5,9 @@ weights; skipped without timm) and the reference ViT-B/16 (``reference_b``) at r
 {0, 8, 13, 16}, then times every variant interleaved in one process with
 ``bench/harness.py`` (warm-up, then the median of --runs runs; ORT sessions without thread
 spinning). ``--batch 8`` times batch 8. ``--profile`` adds, per model, ONNX Runtime's
-profiler time per op type at r=0 and the largest r: where the speed-up falls short of the
-FLOP ratio (the Gemms of the last layers run on few tokens, the merge op's nodes).
+profiler breakdown at r=0 and the largest r: ms per op type, and per block the merge op's
+share and the block's speed-up over its FLOP ratio without the merge op — where the
+speed-up falls short of the FLOP ratio (Gemms on few tokens, the merge op's nodes).
 Prints one JSON object last.
 
     python bench/bench_vit_onnx.py [--runs 30] [--models reference,timm,reference_b] [--batch 1] [--profile]
@@ -15,7 +16,6 @@ Prints one JSON object last.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import platform
@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tome_export  # noqa: E402
-from bench.flops import vit_flops  # noqa: E402
+from bench.flops import vit_block_flops, vit_flops  # noqa: E402
 from bench.harness import emit, interleaved, log, ort_profiling_session, ort_runner  # noqa: E402
 from samples.reference_vit import vit_base_patch16_224, vit_small_patch16_224  # noqa: E402
 from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
+from tome_export.profiling.breakdown import breakdown, node_attribution  # noqa: E402
 
 R_VALUES = (0, 8, 13, 16)
 
@@ -48,8 +49,9 @@ def build(name: str):
     return timm.create_model("vit_small_patch16_224", pretrained=False).eval()
 
 
-def op_type_ms(model, feeds: dict, runs: int) -> dict[str, float]:
-    """Median-run ONNX Runtime profiler time per op type (ms per inference, sorted)."""
+def profiled(model, feeds: dict, runs: int) -> dict:
+    """ONNX Runtime profiler breakdown (tome_export.profiling.breakdown): ms per run by op
+    type and by layer, the merge op's nodes counted apart."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         path.write_bytes(model.SerializeToString())
@@ -57,11 +59,36 @@ def op_type_ms(model, feeds: dict, runs: int) -> dict[str, float]:
         for _ in range(runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    totals: collections.Counter = collections.Counter()
-    for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            totals[event["args"]["op_name"]] += event["dur"] / 1000 / runs
-    return {op: round(ms, 3) for op, ms in totals.most_common()}
+    return breakdown(events, node_attribution(model))
+
+
+def per_block(base: dict, merged: dict, profiles: dict) -> dict:
+    """Per transformer block of the merged model vs the same block unmerged: kernel ms
+    without the merge op, the merge op's ms and share of the block, and the block's time
+    ratio over its FLOP ratio ("efficiency" 1.0 = the block got exactly as much faster as
+    its FLOPs shrank; < 1 = slower than its FLOPs say)."""
+    state, dim = merged["state"], merged["dim"]
+    rows = {}
+    for i, (n, r) in enumerate(zip(state.tokens_per_layer, state.r_per_layer, strict=True)):
+        layer = f"blocks.{i}"
+        if layer not in profiles["r0"]["by_layer"]:
+            continue
+        unmerged_ms = profiles["r0"]["by_layer"][layer]
+        total_ms = profiles["merged"]["by_layer"].get(layer, 0.0)
+        merge_ms = profiles["merged"]["merge_by_layer"].get(layer, 0.0)
+        rest_ms = total_ms - merge_ms
+        n0 = base["state"].tokens_per_layer[i]
+        flop_ratio = vit_block_flops(n0, n0, dim) / vit_block_flops(n, n - r, dim)
+        rows[layer] = {
+            "tokens": [n, n - r],
+            "unmerged_ms": round(unmerged_ms, 3),
+            "merged_ms": round(total_ms, 3),
+            "merge_op_ms": round(merge_ms, 3),
+            "merge_share_of_block": round(merge_ms / total_ms, 3) if total_ms else None,
+            "flop_ratio": round(flop_ratio, 3),
+            "efficiency_without_merge": round((unmerged_ms / rest_ms) / flop_ratio, 3) if rest_ms else None,
+        }
+    return rows
 
 
 def main() -> None:
@@ -101,6 +128,8 @@ def main() -> None:
                     "onnx": exported.model,
                     "eager": model,
                     "flops": vit_flops(state.tokens_per_layer, state.r_per_layer, dim),
+                    "state": state,
+                    "dim": dim,
                     "max_abs_err": err,
                 }
             )
@@ -139,8 +168,16 @@ def main() -> None:
             }
         results[model_name] = per_r
         if args.profile:
-            results[model_name]["per_op_ms"] = {
-                f"r{v['r']}": op_type_ms(v["onnx"], v["feeds"], args.runs) for v in (base, rows[-1])
+            merged = rows[-1]
+            profiles = {"r0": profiled(base["onnx"], base["feeds"], args.runs)}
+            profiles["merged"] = profiled(merged["onnx"], merged["feeds"], args.runs)
+            results[model_name]["profile"] = {
+                "merged_r": merged["r"],
+                "per_op_ms": {key: {op: round(ms, 3) for op, ms in p["by_op"].items()} for key, p in profiles.items()},
+                "merge_op_ms": round(profiles["merged"]["merge_ms"], 3),
+                "merge_share_of_model": round(profiles["merged"]["merge_share"], 4),
+                "coverage": {key: round(p["coverage"], 3) for key, p in profiles.items()},
+                "per_block": per_block(base, merged, profiles),
             }
     emit(
         {
