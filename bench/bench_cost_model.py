@@ -29,8 +29,8 @@ import onnxruntime as ort  # noqa: E402
 
 import tome_export  # noqa: E402
 from bench.harness import emit, interleaved, log, machine, medians, ort_runner  # noqa: E402
-from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export import cost_model as cm  # noqa: E402
+from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 
 # name: (timm model, image size, r values)
 MODELS = {

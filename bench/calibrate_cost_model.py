@@ -43,8 +43,8 @@ from scipy.optimize import nnls  # noqa: E402
 import tome_export  # noqa: E402
 from bench.harness import emit, interleaved, log, machine, ort_profiling_session, ort_runner  # noqa: E402
 from samples.reference_vit import VisionTransformer  # noqa: E402
-from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export import cost_model as cm  # noqa: E402
+from tome_export.exporter.onnx_export import export_onnx  # noqa: E402
 from tome_export.profiling.breakdown import node_attribution  # noqa: E402
 
 FULL = [(c, img) for c in (192, 384, 768) for img in (112, 224, 384)] + [(384, 512)]

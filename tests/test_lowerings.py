@@ -153,14 +153,18 @@ def test_dense_rank_path_past_topk_limit(monkeypatch):
     check_against_eager(configs, models, seeds=(3, 4), ties=True)
 
 
-def test_scatter_lowering_scatter_elements_path(monkeypatch):
-    """Past ONE_HOT_MAX_ROWS the scatter lowering sums merged rows with ScatterElements(add)
-    instead of the one-hot MatMul; same results, ties and duplicate destinations included."""
-    monkeypatch.setattr(scatter_lowering, "ONE_HOT_MAX_ROWS", -1)
+def test_scatter_lowering_one_hot_path(monkeypatch):
+    """With ONE_HOT_MAX_ROWS raised the scatter lowering sums merged rows with a one-hot
+    MatMul instead of ScatterElements(add); same results, ties and duplicate destinations included."""
+    monkeypatch.setattr(scatter_lowering, "ONE_HOT_MAX_ROWS", 10_000)
     configs = EDGE_CONFIGS
     models = export_lowerings(configs, ("scatter",))
-    reducing = [n for n in models["scatter"].graph.node if n.op_type == "ScatterElements" and n.attribute]
-    assert reducing, "expected ScatterElements(add) in the forced path"
+    reducing = [
+        n
+        for n in models["scatter"].graph.node
+        if n.op_type == "ScatterElements" and any(a.name == "reduction" and a.s == b"add" for a in n.attribute)
+    ]
+    assert not reducing and any(n.op_type == "MatMul" for n in models["scatter"].graph.node)
     check_against_eager(configs, models)
     check_against_eager(configs, models, seeds=(3, 4, 5), ties=True)
 
@@ -186,6 +190,7 @@ def test_scatter_lowering_is_lean():
     kinds = {n.op_type for n in runs}
     assert per_merge <= 28, (per_merge, sorted(n.op_type for n in runs))
     assert not kinds & {"ScatterND", "Unsqueeze", "ArgMax", "ReduceMax"}, kinds
+    assert "ScatterElements" in kinds, kinds  # the default sum (ONE_HOT_MAX_ROWS = 0)
 
 
 def test_dense_graph_has_no_scatter_and_trt_legal_topk():

@@ -75,8 +75,8 @@ def test_merge_nodes_found_from_exporter_metadata(tiny_bundle):
     merge_layers = {info.layer for info in table_.values() if info.is_merge}
     assert merge_layers == {"blocks.0", "blocks.1", "blocks.2", "blocks.3"}
     merge_ops = {n.op_type for n in model.graph.node if table_[n.name].is_merge}
-    # the lean scatter graph: TopK picks edges, rows are gathered, merged rows summed by a
-    # one-hot MatMul (small N) or ScatterElements (large N)
+    # the lean scatter graph: TopK picks edges, rows are gathered, merged rows summed by
+    # ScatterElements(add) (or a one-hot MatMul where ONE_HOT_MAX_ROWS allows)
     assert {"TopK", "GatherElements"} <= merge_ops and merge_ops & {"MatMul", "ScatterElements"}
     assert not any(table_[n.name].is_merge for n in model.graph.node if n.op_type == "Softmax")
 

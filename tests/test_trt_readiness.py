@@ -57,7 +57,7 @@ def test_scatter_lowering_is_not_ready_and_names_the_node(monkeypatch):
     from tome_export.exporter.onnx_export import export_onnx
     from tome_export.merging import apply
 
-    # Large merges (past ONE_HOT_MAX_ROWS) sum merged rows with ScatterElements(add).
+    # The scatter lowering sums merged rows with ScatterElements(add) (ONE_HOT_MAX_ROWS pinned).
     monkeypatch.setattr(scatter_lowering, "ONE_HOT_MAX_ROWS", -1)
     model = apply(vit_tiny_test(depth=2), "tome", r=6)
     exported = export_onnx(model, (torch.randn(1, 3, 64, 64),), "scatter")

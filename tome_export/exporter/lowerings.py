@@ -6,9 +6,9 @@ The table below is the only place lowerings are declared — complete whatever m
 imported first; the translations live in their own modules:
 
 - ``scatter`` (``scatter_lowering.py``, ``tomesd_lowering.py``): the ONNX Runtime lowering —
-  gathers of whole rows by original position, merged rows summed by a small one-hot MatMul
-  (ToMe, ≤ 512 output rows) or ScatterElements(reduction="add") (not ScatterND: its CPU
-  kernel races on duplicate indices), then divide; few nodes, since ORT's cost is per node.
+  gathers of whole rows by original position, merged rows summed by
+  ScatterElements(reduction="add") (not ScatterND: its CPU kernel races on duplicate
+  indices), then divide; few nodes, since ORT's cost is per node.
 - ``dense`` (``dense_lowering.py``, ``tomesd_lowering.py``): one-hot matrices and MatMul,
   no Scatter, no GatherElements; O(N²·C), for TensorRT without plugins and the Neural Engine.
 - ``plugin`` (``plugin_lowering.py``): one ``tome_export.BipartiteMerge`` /
@@ -51,7 +51,7 @@ LOWERINGS: dict[str, Lowering] = {
     for lowering in (
         Lowering(
             "scatter",
-            "row gathers + one-hot MatMul or ScatterElements(add) of size-weighted rows, then divide (ONNX Runtime)",
+            "row gathers + ScatterElements(add) of size-weighted rows, then divide (ONNX Runtime)",
             {BIPARTITE_MERGE: merge_scatter, TOMESD_MERGE: tomesd_merge_scatter},
         ),
         Lowering(

@@ -12,9 +12,10 @@ on original token positions:
   to put the kept ones back in position order; indices stay (B, K, 1) columns, which is
   what GatherND (batch_dims=1) and GatherElements take without Unsqueeze/Expand;
 - merge: one GatherND of the rows kept, in output order, from x·size (and one from size);
-  the merged rows are summed into their destinations by a (B, N−r, r) one-hot MatMul,
-  which beats ScatterElements(add) on ONNX Runtime CPU (it walks every element; ScatterND
-  races on duplicate indices), then one Div.
+  the merged rows are added into their destinations by ScatterElements(add) (not
+  ScatterND: ONNX Runtime's CPU kernel races on duplicate indices), then one Div. A
+  (B, N−r, r) one-hot MatMul can do the sum instead (``ONE_HOT_MAX_ROWS``); on a quiet
+  2-core CPU it was 1.1–1.2× slower at every size measured (N = 197…1370), so it is off.
 
 Protected tokens ride along in the gathers: their size is 1, so (x·1)/1 is x bit for bit.
 The slot map (the decision; a graph output only in the verification graph) is one
@@ -66,7 +67,10 @@ def match_columns(metric, r: int, protected: int, b_first: bool):
 
 # Above this many output rows the one-hot MatMul's O((N - r)·r·C) loses to ScatterElements(add)
 # (bench/bench_merge_op.py measures both).
-ONE_HOT_MAX_ROWS = 512
+# Up to this many output rows merged rows are summed by a one-hot MatMul instead of
+# ScatterElements(add). 0 = never: bench/bench_merge_op.py measured the MatMul 1.1-1.2x
+# slower at N = 197, 577 and 1370 on ONNX Runtime 1.32 CPU; re-measure on other runtimes.
+ONE_HOT_MAX_ROWS = 0
 
 
 def one_hot_pays(num_tokens: int, r: int) -> bool:
@@ -91,8 +95,7 @@ def merge_scatter(metric, x, size, r: int, protected: int, b_first: bool = False
     out_rows = op.Add(dst_idx, op.Constant(value_int=protected + kept))  # (B, r, 1)
     weighted = op.Mul(x, size)
     if one_hot_pays(num_tokens, r):
-        # (B, N - r, r) one-hot MatMul: on ONNX Runtime CPU cheaper than ScatterElements(add),
-        # which walks every updated element, until N - r grows large (the MatMul is O(N·r·C)).
+        # (B, N - r, r) one-hot MatMul (see ONE_HOT_MAX_ROWS).
         rows = op.Reshape(ints(*range(num_tokens - r)), ints(1, 1, num_tokens - r))
         into = op.Transpose(op.CastLike(op.Equal(out_rows, rows), x), perm=[0, 2, 1])
 

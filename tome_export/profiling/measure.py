@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from tome_export import __version__
+from tome_export.cost_model import predicted_for
 from tome_export.devices import DeviceProfile
 from tome_export.errors import UserError
 from tome_export.profiling.breakdown import breakdown, node_attribution
-from tome_export.cost_model import predicted_for
 from tome_export.profiling.stats import latency_stats
 from tome_export.progress import Progress
 

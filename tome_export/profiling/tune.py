@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tome_export import __version__
-from tome_export.errors import UserError
 from tome_export.cost_model import (
     Coefficients,
     ModelShape,
@@ -26,6 +25,7 @@ from tome_export.cost_model import (
     predict,
     shape_of,
 )
+from tome_export.errors import UserError
 from tome_export.profiling.store import ResultStore
 from tome_export.progress import Progress
 
