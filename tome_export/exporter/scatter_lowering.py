@@ -65,15 +65,14 @@ def match_columns(metric, r: int, protected: int, b_first: bool):
     return unm_idx, src_idx, dst_idx
 
 
-# Above this many output rows the one-hot MatMul's O((N - r)·r·C) loses to ScatterElements(add)
-# (bench/bench_merge_op.py measures both).
 # Up to this many output rows merged rows are summed by a one-hot MatMul instead of
-# ScatterElements(add). 0 = never: bench/bench_merge_op.py measured the MatMul 1.1-1.2x
+# ScatterElements(add). 0 = never: bench/bench_merge_op.py measured the MatMul 1.1-1.3x
 # slower at N = 197, 577 and 1370 on ONNX Runtime 1.32 CPU; re-measure on other runtimes.
 ONE_HOT_MAX_ROWS = 0
 
 
 def one_hot_pays(num_tokens: int, r: int) -> bool:
+    """Whether merged rows are summed by the one-hot MatMul (see ONE_HOT_MAX_ROWS)."""
     return num_tokens - r <= ONE_HOT_MAX_ROWS
 
 
