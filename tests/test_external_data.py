@@ -23,6 +23,13 @@ from tome_export.pipeline import ExportOptions, export
 pytest.importorskip("diffusers")
 
 
+def _tiny_unet_options(out, **options) -> ExportOptions:
+    """The tiny tomesd UNet with its weights forced into external data (threshold 0)."""
+    return ExportOptions(
+        model="samples.tiny_unet:tiny_unet", method="tomesd", ratio=0.5, out=str(out), external_data_threshold=0, **options
+    )
+
+
 def test_threshold_decides_and_weights_leave_the_proto(tmp_path):
     from samples.reference_vit import vit_tiny_test
 
@@ -40,12 +47,8 @@ def test_threshold_decides_and_weights_leave_the_proto(tmp_path):
 def test_unet_bundle_with_external_weights_end_to_end(tmp_path):
     out = tmp_path / "unet"
     _, manifest = export(
-        ExportOptions(
-            model="samples.tiny_unet:tiny_unet",
-            method="tomesd",
-            ratio=0.5,
-            out=str(out),
-            external_data_threshold=0,
+        _tiny_unet_options(
+            out,
             dynamic_loading=True,
             memory_budget="5MB",
         )
@@ -77,14 +80,7 @@ def test_fp16_of_a_model_with_external_weights(tmp_path):
     stray files — and the bundle verifies and runs (SD-1.5 on --target trt takes this path)."""
     out = tmp_path / "unet"
     _, manifest = export(
-        ExportOptions(
-            model="samples.tiny_unet:tiny_unet",
-            method="tomesd",
-            ratio=0.5,
-            out=str(out),
-            external_data_threshold=0,
-            precision="fp16",
-        )
+        _tiny_unet_options(out, precision="fp16")
     )
     assert manifest["external_data"] == "model.onnx.data"
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
@@ -97,11 +93,7 @@ def test_fp16_of_a_model_with_external_weights(tmp_path):
     assert manifest["verification"]["passed"]
     assert "skipped" in manifest["verification"]["unmerged_same_precision"]  # no second full export
     fp32 = tmp_path / "fp32"
-    export(
-        ExportOptions(
-            model="samples.tiny_unet:tiny_unet", method="tomesd", ratio=0.5, out=str(fp32), external_data_threshold=0
-        )
-    )
+    export(_tiny_unet_options(fp32))
     assert (out / "model.onnx.data").stat().st_size < 0.6 * (fp32 / "model.onnx.data").stat().st_size
     from samples.tiny_unet import tiny_unet
 
@@ -116,10 +108,7 @@ def test_int8_of_a_model_with_external_weights_is_refused(tmp_path):
     from tome_export.errors import UserError
 
     out = tmp_path / "unet"
-    options = ExportOptions(
-        model="samples.tiny_unet:tiny_unet", method="tomesd", ratio=0.5, out=str(out), external_data_threshold=0,
-        precision="int8",
-    )
+    options = _tiny_unet_options(out, precision="int8")
     with pytest.raises(UserError, match="use --precision fp16"):
         export(options)
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -131,12 +120,8 @@ def test_trt_engine_from_a_graph_with_external_weights(tmp_path):
     pytest.importorskip("tensorrt_rtx")
     out = tmp_path / "unet"
     _, manifest = export(
-        ExportOptions(
-            model="samples.tiny_unet:tiny_unet",
-            method="tomesd",
-            ratio=0.5,
-            out=str(out),
-            external_data_threshold=0,
+        _tiny_unet_options(
+            out,
             target="trt",
             device="nvidia-rtx-ada-desktop",
         )
