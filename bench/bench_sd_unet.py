@@ -10,8 +10,9 @@ at a time (an SD-1.5 session holds 3.4 GB), each created, warmed up once, timed 
 no thread spinning. Medians over ``--runs`` rounds; speed-up = median unmerged / median.
 Phase 4, where the time goes: one profiled run per variant, top 10 ONNX op types.
 
-Prints one JSON object last. The full SD-1.5 UNet needs ≈ 12 GB for the export and 20–40 min
-on 2 cores: ``PYTHONPATH=. python bench/bench_sd_unet.py --model sd15``; a quick
+Prints one JSON object last. On 2 cores the full SD-1.5 UNet needs ≈ 9 GB and 20–40 min
+(``PYTHONPATH=. python bench/bench_sd_unet.py --model sd15``); SDXL (``--model sdxl``:
+tomesd/ToDo at ``--max-downsample 2``, its first attention level) ≈ 22 GB and ≈ 1 h; a quick
 check at a quarter of the width: ``--width 0.25 --runs 2``.
 """
 
@@ -120,7 +121,7 @@ def count_flops(model: nn.Module, inputs: tuple) -> float:
     return total[0]
 
 
-def flops_per_variant(methods: list[str]) -> dict[str, float]:
+def flops_per_variant(methods: list[str], max_downsample: int = 1) -> dict[str, float]:
     import tome_export
     from tome_export.exporter.diffusers_source import adapt
     from tome_export.inputs import make_inputs
@@ -128,7 +129,11 @@ def flops_per_variant(methods: list[str]) -> dict[str, float]:
     with torch.device("meta"):  # shapes are all the count needs: no weights, no compute
         model = adapt(unet())
     inputs = tuple(t.to("meta") for t in make_inputs(model, model.default_input_shapes, 0))
-    options = {"none": {}, "tomesd": {"ratio": 0.5}, "todo": {"downsample": 2.0}}
+    options = {
+        "none": {},
+        "tomesd": {"ratio": 0.5, "max_downsample": max_downsample},
+        "todo": {"downsample": 2.0, "max_downsample": max_downsample},
+    }
     flops = {}
     for method in methods:
         tome_export.apply(model, method=method, **options[method])
@@ -211,9 +216,16 @@ def main() -> None:
         "--no-warmup", action="store_true", help="time each fresh session's first run (full size: ~30 s runs)"
     )
     parser.add_argument("--workdir", default=None, help="where bundles go (default: a temporary folder)")
-    parser.add_argument("--export-args", default="", help="extra CLI options, e.g. '--max-downsample 2' for SDXL")
+    parser.add_argument(
+        "--max-downsample",
+        type=int,
+        default=None,
+        help="tomesd/ToDo depth (default 1; SDXL: 2, its first attention level)",
+    )
+    parser.add_argument("--export-args", default="", help="extra CLI options")
     args = parser.parse_args()
     methods = args.methods.split(",")
+    max_downsample = args.max_downsample or (2 if args.model == "sdxl" else 1)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_sd_unet."))
     workdir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -228,12 +240,13 @@ def main() -> None:
     for method in methods:
         out = workdir / method
         print(f"exporting {method} …", file=sys.stderr, flush=True)
-        exports[method] = export_variant(method, out, env, args.seeds, args.export_args.split())
+        depth = [] if method == "none" else ["--max-downsample", str(max_downsample)]
+        exports[method] = export_variant(method, out, env, args.seeds, [*args.export_args.split(), *depth])
         print(f"  {exports[method]}", file=sys.stderr, flush=True)
         if exports[method]["exit"] == 0:
             bundles[method] = out
     print("counting FLOPs …", file=sys.stderr, flush=True)
-    flops = flops_per_variant(methods)
+    flops = flops_per_variant(methods, max_downsample)
     print(f"  GFLOPs { ({k: round(v / 1e9, 1) for k, v in flops.items()}) }", file=sys.stderr, flush=True)
     print(f"timing {list(bundles)} interleaved, {args.runs} rounds …", file=sys.stderr, flush=True)
     times = time_interleaved(bundles, args.runs, args.threads, not args.no_warmup)
@@ -244,6 +257,7 @@ def main() -> None:
         "model": args.model,
         "width": args.width,
         "latent": args.latent or CONFIGS[args.model]["sample_size"],
+        "max_downsample": max_downsample,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} ORT threads",
         "runs": args.runs,
         "exports": exports,
