@@ -84,16 +84,17 @@ def test_merge_nodes_found_from_exporter_metadata(tiny_bundle):
 # -- measuring a real bundle ---------------------------------------------------------------
 
 
-def test_profile_twice_medians_within_stated_spread(tiny_bundle):
-    first, second = (profile_bundle(tiny_bundle, runs=30, warmup=5, with_fidelity=False)[0] for _ in range(2))
-    for rec in (first, second):
-        b = rec["breakdown"]
-        assert set(b["by_layer"]) >= {"blocks.0", "blocks.3"}
-        assert 0 < b["merge_share"] < 1 and 0 < b["coverage"] <= 1.05
-        assert sum(b["by_layer"].values()) == pytest.approx(sum(b["by_op"].values()))
-        assert rec["throughput_per_s"] == pytest.approx(2 / (rec["latency_ms"]["median"] / 1e3))
-        assert rec["memory"]["rss_increase_mb"] is not None
-    assert medians_consistent(first["latency_ms"], second["latency_ms"]), (first["latency_ms"], second["latency_ms"])
+def test_profile_record_breakdown_and_derived_fields(tiny_bundle):
+    # No timing is asserted: CI runs tests in parallel on 2 cores, so two profiles of the same
+    # bundle can differ 3x; the repeatability rule itself is tested on fixed numbers above.
+    (rec,) = profile_bundle(tiny_bundle, runs=10, warmup=2, with_fidelity=False)
+    b = rec["breakdown"]
+    assert set(b["by_layer"]) >= {"blocks.0", "blocks.3"}
+    assert 0 < b["merge_share"] < 1 and 0 < b["coverage"] <= 1.05
+    assert sum(b["by_layer"].values()) == pytest.approx(sum(b["by_op"].values()))
+    assert rec["throughput_per_s"] == pytest.approx(2 / (rec["latency_ms"]["median"] / 1e3))
+    assert rec["latency_ms"]["p10"] <= rec["latency_ms"]["median"] <= rec["latency_ms"]["p90"]
+    assert rec["memory"]["rss_increase_mb"] is not None
 
 
 @pytest.fixture(scope="module")
