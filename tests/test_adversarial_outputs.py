@@ -354,3 +354,30 @@ def test_signal_mid_export_cleans_up(tmp_path, signum, existing):
     assert "interrupted" in one_line(err)
     assert not partials(tmp_path)
     assert tree_state(tmp_path) == before
+
+
+def test_sigterm_mid_profile_sweep_removes_its_temporary_exports(tmp_path):
+    """SIGTERM while ``profile --sweep`` re-exports: its temporary folder goes, exit 143, one line
+    (Python's default SIGTERM would kill it without running any cleanup)."""
+    bundle, scratch = tmp_path / "bundle", tmp_path / "scratch"
+    scratch.mkdir()
+    assert cli_run([*TINY, "-o", str(bundle)]) == 0
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "TMPDIR": str(scratch),
+    }
+    command = [sys.executable, "-m", "tome_export", "profile", str(bundle), "--sweep", "r=0,2,4", "--trust-source"]
+    command += ["--runs", "2", "--warmup", "0", "--no-fidelity", "--db", str(tmp_path / "results.sqlite"), "-q"]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(scratch.glob("tome-profile-exports-*")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # re-exporting now
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in one_line(err)
+    assert list(scratch.iterdir()) == []

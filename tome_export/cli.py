@@ -15,6 +15,7 @@ import click
 
 from tome_export import __version__
 from tome_export.errors import TomeExportError, UserError, first_line
+from tome_export.interrupts import raising
 
 db_option = click.option("--db", default=None, help="Results database (default under $XDG_CACHE_HOME/tome-export).")
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
@@ -355,13 +356,15 @@ def run(argv: list[str] | None = None) -> int:
     anything else becomes one line too (``TOME_EXPORT_DEBUG=1`` prints the traceback)."""
     try:
         # Outside standalone mode click returns a command's Exit code instead of raising it.
-        code = main.main(args=argv, prog_name="tome-export", standalone_mode=False)
+        # SIGTERM/SIGHUP raise like SIGINT, so temporary exports and partial folders are removed.
+        with raising():
+            code = main.main(args=argv, prog_name="tome-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort as exc:  # click's wrapper of a KeyboardInterrupt
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, KeyboardInterrupt):
-            click.echo(f"error: interrupted{' by ' + str(cause) if str(cause) else ''}; nothing was written", err=True)
+            click.echo(f"error: interrupted{' by ' + str(cause) if str(cause) else ''}; nothing half-written was left", err=True)
             return getattr(cause, "exit_code", 130)
         click.echo("error: aborted", err=True)
         return 130
@@ -371,8 +374,8 @@ def run(argv: list[str] | None = None) -> int:
     except TomeExportError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP during an export
-        click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing was written", err=True)
+    except KeyboardInterrupt as exc:  # SIGINT, SIGTERM, SIGHUP (interrupts.Interrupted)
+        click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing half-written was left", err=True)
         return getattr(exc, "exit_code", 130)
     except RecursionError:
         click.echo("error: input nested too deeply to process", err=True)

@@ -6,7 +6,8 @@ tome-export wrote: a manifest with our schema version and tool name, and no file
 the ones it lists (same sizes). Anything else — a foreign folder, a bundle a user added
 files to, a symlink — is refused (exit 2) unless ``force``; with ``force`` the old folder
 is renamed aside to ``NAME.replaced-<UTC time>`` and kept, never deleted.
-SIGTERM and SIGHUP are handled like SIGINT (the partial folder is removed, exit 128+N);
+SIGTERM and SIGHUP are handled like SIGINT (``interrupts``: the partial folder is removed,
+exit 128+N);
 stale partials of the same output left by a killed process are removed when we can tell
 they are ours and their process is gone; a full disk or a read-only / forbidden folder is
 one line, exit 2. New folders respect the umask.
@@ -14,22 +15,21 @@ one line, exit 2. New folders respect the umask.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
 import os
 import secrets
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 from tome_export.bundle.integrity import sha256_file
 from tome_export.bundle.manifest import MANIFEST, SCHEMA_VERSION, TOOL, is_tool_manifest
 from tome_export.errors import UserError
+from tome_export.interrupts import blocked, raising
 
 PARTIAL_MARKER = ".tome-export-partial"
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 DISK_ERRORS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "disk quota exceeded",
@@ -37,14 +37,6 @@ DISK_ERRORS = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system",
 }
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal (SIGINT, SIGTERM, SIGHUP) stopped the export; ``exit_code`` is 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
 
 
 def disk_error(exc: OSError, out: Path) -> UserError | None:
@@ -134,7 +126,7 @@ class BundleWriter:
         self.force = force
         self.path: Path | None = None
         self.aside: Path | None = None  # where a replaced foreign folder was kept
-        self._handlers: dict = {}
+        self._signals: contextlib.ExitStack | None = None
         self._replace_ours = False  # the existing folder is entirely ours: replace it, delete the old
         self._check_destination()
         parent = self.out.parent
@@ -180,45 +172,30 @@ class BundleWriter:
         except OSError as exc:
             shutil.rmtree(self.path, ignore_errors=True)
             raise (disk_error(exc, self.given) or exc) from None
-        self._install_handlers()
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(raising())
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        blocked = _block_signals()  # a second signal must not stop the cleanup half-way
-        try:
-            if exc_type is None:
-                try:
-                    self._commit()
-                    return
-                except OSError as error:
-                    exc = error
-                    problem = disk_error(error, self.given)
-                    if problem is None:
-                        raise
-                    raise problem from None
-            if isinstance(exc, OSError) and disk_error(exc, self.given) is not None:
-                raise disk_error(exc, self.given) from None
-        finally:
-            self._restore_handlers()
-            if self.path is not None and self.path.exists():
-                shutil.rmtree(self.path, ignore_errors=True)
-            _unblock_signals(blocked)
-
-    # -- signals ----------------------------------------------------------------------
-    def _install_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def stop(signum, frame):
-            raise Interrupted(signum)
-
-        for signum in _SIGNALS:
-            self._handlers[signum] = signal.signal(signum, stop)
-
-    def _restore_handlers(self) -> None:
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
-        self._handlers.clear()
+        with blocked():  # a second signal must not stop the cleanup half-way
+            try:
+                if exc_type is None:
+                    try:
+                        self._commit()
+                        return
+                    except OSError as error:
+                        problem = disk_error(error, self.given)
+                        if problem is None:
+                            raise
+                        raise problem from None
+                if isinstance(exc, OSError) and disk_error(exc, self.given) is not None:
+                    raise disk_error(exc, self.given) from None
+            finally:
+                if self._signals is not None:
+                    self._signals.close()
+                    self._signals = None
+                if self.path is not None and self.path.exists():
+                    shutil.rmtree(self.path, ignore_errors=True)
 
     # -- the manifest and the rename --------------------------------------------------
     def write_manifest(self, manifest: dict) -> dict:
@@ -260,14 +237,3 @@ class BundleWriter:
         self.path = None
         if old is not None:  # every file in it was ours (checked before exporting)
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _block_signals():
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-
-
-def _unblock_signals(previous) -> None:
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
