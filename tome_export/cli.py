@@ -351,6 +351,12 @@ def _unexpected(exc: BaseException) -> int:
     return INTERNAL_ERROR
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """One line for a stopping signal; exit 128 + N (130 for a bare KeyboardInterrupt)."""
+    click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing half-written was left", err=True)
+    return getattr(exc, "exit_code", 130)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Entry point: maps our errors and click's usage errors to one line and an exit code;
     anything else becomes one line too (``TOME_EXPORT_DEBUG=1`` prints the traceback)."""
@@ -364,8 +370,7 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort as exc:  # click's wrapper of a KeyboardInterrupt
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, KeyboardInterrupt):
-            click.echo(f"error: interrupted{' by ' + str(cause) if str(cause) else ''}; nothing half-written was left", err=True)
-            return getattr(cause, "exit_code", 130)
+            return _interrupted(cause)
         click.echo("error: aborted", err=True)
         return 130
     except click.ClickException as exc:
@@ -375,8 +380,7 @@ def run(argv: list[str] | None = None) -> int:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt as exc:  # SIGINT, SIGTERM, SIGHUP (interrupts.Interrupted)
-        click.echo(f"error: interrupted{' by ' + str(exc) if str(exc) else ''}; nothing half-written was left", err=True)
-        return getattr(exc, "exit_code", 130)
+        return _interrupted(exc)
     except RecursionError:
         click.echo("error: input nested too deeply to process", err=True)
         return 2

@@ -126,7 +126,7 @@ class BundleWriter:
         self.force = force
         self.path: Path | None = None
         self.aside: Path | None = None  # where a replaced foreign folder was kept
-        self._signals: contextlib.ExitStack | None = None
+        self._signals = contextlib.ExitStack()  # the signal handlers while the folder is partial
         self._replace_ours = False  # the existing folder is entirely ours: replace it, delete the old
         self._check_destination()
         parent = self.out.parent
@@ -172,7 +172,6 @@ class BundleWriter:
         except OSError as exc:
             shutil.rmtree(self.path, ignore_errors=True)
             raise (disk_error(exc, self.given) or exc) from None
-        self._signals = contextlib.ExitStack()
         self._signals.enter_context(raising())
         return self
 
@@ -191,9 +190,7 @@ class BundleWriter:
                 if isinstance(exc, OSError) and disk_error(exc, self.given) is not None:
                     raise disk_error(exc, self.given) from None
             finally:
-                if self._signals is not None:
-                    self._signals.close()
-                    self._signals = None
+                self._signals.close()
                 if self.path is not None and self.path.exists():
                     shutil.rmtree(self.path, ignore_errors=True)
 
